@@ -1,0 +1,3 @@
+from traflow_cli.cli.app import main
+
+main()

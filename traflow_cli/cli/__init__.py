@@ -1,0 +1,1 @@
+"""Typer only: one module per subcommand; jobs are imported inside commands."""

@@ -1,0 +1,25 @@
+"""The `traflow` command: five subcommands over one engine."""
+
+from __future__ import annotations
+
+import typer
+
+from traflow_cli.cli import bench, distill, evaluate, sample, teacher
+
+app = typer.Typer(
+    name="traflow",
+    help="Distill a rectified-flow teacher into a 1-4 step student with TraFlow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(teacher.app, name="teacher")
+app.command("distill")(distill.distill_command)
+app.command("sample")(sample.sample_command)
+app.add_typer(evaluate.app, name="eval")
+app.command("bench")(bench.bench_command)
+
+
+def main() -> None:
+    app()

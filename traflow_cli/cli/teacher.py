@@ -1,0 +1,68 @@
+"""`traflow teacher train|import`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from traflow_cli.cli import options as o
+from traflow_cli.cli import render
+
+app = typer.Typer(help="Train a rectified-flow teacher, or import an existing one.",
+                  no_args_is_help=True)
+
+
+@app.command("train")
+def train_command(
+    preset: o.Preset = "toy2d",
+    sets: o.Sets = None,
+    out: o.Out = None,
+    device: o.Device = None,
+    seed: o.Seed = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", help="Training steps. (default: the spec's teacher.duration_steps)",
+        show_default=False)] = None,
+    as_json: o.Json = False,
+    dry: o.DryRun = False,
+) -> None:
+    """Train v(x, t) by rectified flow on the preset's data (resumes an existing --out)."""
+    spec = o.resolve(preset, sets, device=device, seed=seed,
+                     values={"teacher.duration_steps": steps})
+    if dry:
+        o.dry_run(spec)
+    from traflow_cli.jobs.teacher import train_teacher
+
+    run_dir = out or Path("runs") / spec.preset / "teacher"
+    with o.user_errors():
+        result = train_teacher(spec, run_dir)
+    o.emit(result, as_json, render.training_summary)
+
+
+@app.command("import")
+def import_command(
+    source: Annotated[str, typer.Argument(
+        help="Checkpoint family; 'rectified-flow' (the official Rectified Flow .pth files).")],
+    path: Annotated[Path, typer.Argument(help="The checkpoint file.", show_default=False)],
+    out: o.Out = None,
+    preset: o.Preset = "cifar10",
+    sets: o.Sets = None,
+    image_size: Annotated[int, typer.Option(
+        "--image-size", help="Image resolution (the weights do not record it).")] = 32,
+    raw_weights: Annotated[bool, typer.Option(
+        "--raw-weights", help="Take the trained weights instead of their EMA.")] = False,
+    as_json: o.Json = False,
+) -> None:
+    """Import a foreign checkpoint as a traflow teacher run folder (checked name by name)."""
+    if source != "rectified-flow":
+        o.err(f"error: source: unknown checkpoint family {source!r}; supported: rectified-flow")
+        raise typer.Exit(o.EXIT_USAGE)
+    spec = o.resolve(preset, sets, device=None, seed=None, values={"data.resolution": image_size})
+    from traflow_cli.jobs.teacher import import_teacher
+
+    run_dir = out or Path("runs") / f"imported-{path.stem}"
+    with o.user_errors():
+        result = import_teacher(spec, path, run_dir, image_size=image_size,
+                                use_ema=not raw_weights)
+    o.emit(result, as_json, lambda r: render.key_values("imported teacher", r))

@@ -1,0 +1,1 @@
+"""Method-agnostic runtime: devices, DDP, the step loop, checkpoints, EMA, progress, records."""

@@ -1,0 +1,77 @@
+"""Run-folder records: spec.json, metrics.jsonl, summary.json, written so a crash loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write under a temporary name, fsync, then rename: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def versions() -> dict[str, str]:
+    from traflow_cli import __version__
+
+    return {"traflow": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": sys.platform}
+
+
+def write_spec_record(run_dir: Path, *, job: str, spec: dict[str, Any], fingerprint: str,
+                      command: list[str] | None = None) -> None:
+    """spec.json: the resolved spec, its fingerprint, the versions and the command line."""
+    atomic_write_json(run_dir / "spec.json", {
+        "job": job,
+        "spec": spec,
+        "fingerprint": fingerprint,
+        "versions": versions(),
+        "command": command if command is not None else sys.argv,
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+
+
+def read_spec_record(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "spec.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    """One JSON object per log tick; a line is flushed whole so readers never see half of one."""
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps(row, sort_keys=True) + "\n")
+        handle.flush()
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    atomic_write_json(run_dir / "summary.json", summary)

@@ -1,0 +1,163 @@
+"""Rectified-flow conventions in one place (METHOD.md, "Conventions").
+
+t = 0 is noise, t = 1 is data; x_t = t * data + (1 - t) * noise; the velocity of that path is
+data - noise. Solvers integrate dx/dt = v(x, t) for any callable v(x [B, ...], t [B]) -> [B, ...].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Velocity = Callable[[Tensor, Tensor], Tensor]
+
+# Rectified Flow trains on t ~ U[eps, 1] (METHOD.md); the endpoint is kept out of the draw.
+TRAIN_EPS = 1e-3
+
+
+def per_sample(t: Tensor, like: Tensor) -> Tensor:
+    """Reshape times [B] to broadcast against x [B, ...]."""
+    return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def interpolate(noise: Tensor, data: Tensor, t: Tensor) -> Tensor:
+    """x_t = t * data + (1 - t) * noise, with t [B] and noise, data [B, ...]."""
+    tb = per_sample(t, noise)
+    return tb * data + (1 - tb) * noise
+
+
+def target_velocity(noise: Tensor, data: Tensor) -> Tensor:
+    """Velocity of the straight path from noise to data: data - noise."""
+    return data - noise
+
+
+def sample_train_times(batch: int, generator: torch.Generator, device: torch.device,
+                       eps: float = TRAIN_EPS) -> Tensor:
+    """t ~ U[eps, 1] for rectified-flow training, [B]."""
+    u = torch.rand(batch, generator=generator, device=generator.device).to(device)
+    return eps + (1 - eps) * u
+
+
+def rectified_flow_loss(velocity: Velocity, noise: Tensor, data: Tensor, t: Tensor) -> Tensor:
+    """Per-sample ||v(x_t, t) - (data - noise)||^2 averaged over non-batch dims, [B]."""
+    pred = velocity(interpolate(noise, data, t), t)
+    err = (pred - target_velocity(noise, data)) ** 2
+    return err.flatten(1).mean(1)
+
+
+def time_grid(num_steps: int, *, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> Tensor:
+    """Uniform grid 0 = tau_0 < ... < tau_N = 1, [N + 1]."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return torch.linspace(0.0, 1.0, num_steps + 1, device=device, dtype=dtype)
+
+
+def euler_step(velocity: Velocity, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    """One Euler step from t [B] to s [B]."""
+    return x + per_sample(s - t, x) * velocity(x, t)
+
+
+def heun_step(velocity: Velocity, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    """One Heun (explicit trapezoid) step from t [B] to s [B]: 2 evaluations."""
+    h = per_sample(s - t, x)
+    v0 = velocity(x, t)
+    v1 = velocity(x + h * v0, s)
+    return x + 0.5 * h * (v0 + v1)
+
+
+STEPPERS = {"euler": euler_step, "heun": heun_step}
+EVALS_PER_STEP = {"euler": 1, "heun": 2}
+
+
+def solve_on_grid(velocity: Velocity, x: Tensor, grid: Tensor, *, method: str = "heun") -> Tensor:
+    """Integrate from grid[0] to grid[-1] with one fixed step per interval; returns x at grid[-1]."""
+    step = STEPPERS[method]
+    ones = torch.ones(x.shape[0], device=x.device, dtype=grid.dtype)
+    for n in range(len(grid) - 1):
+        x = step(velocity, x, grid[n] * ones, grid[n + 1] * ones)
+    return x
+
+
+@torch.no_grad()
+def trajectory_on_grid(velocity: Velocity, x_start: Tensor, start_index: Tensor, grid: Tensor,
+                       *, method: str = "heun") -> Tensor:
+    """Teacher states at every grid point, each sample starting at its own index.
+
+    x_start [B, ...] sits at grid[start_index] (start_index [B], int). Returns [N + 1, B, ...];
+    entries before a sample's start hold its start state. Samples that have not started yet are
+    carried along unchanged, so one batched solve serves every start index.
+    """
+    step = STEPPERS[method]
+    batch = x_start.shape[0]
+    ones = torch.ones(batch, device=x_start.device, dtype=grid.dtype)
+    states = [x_start]
+    x = x_start
+    first = int(start_index.min())
+    for _ in range(first):
+        states.append(x)
+    for n in range(first, len(grid) - 1):
+        moved = step(velocity, x, grid[n] * ones, grid[n + 1] * ones)
+        started = per_sample(start_index <= n, x).bool()
+        x = torch.where(started, moved, x)
+        states.append(x)
+    return torch.stack(states)
+
+
+def pick(trajectory: Tensor, index: Tensor) -> Tensor:
+    """Per-sample state trajectory[index[b], b]: [N + 1, B, ...] x [B] -> [B, ...]."""
+    return trajectory[index, torch.arange(trajectory.shape[1], device=trajectory.device)]
+
+
+# Dormand-Prince 5(4) tableau: the adaptive RK45 that scipy's solve_ivp (used by the official
+# Rectified Flow sampler) runs by default.
+_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_DP_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+# 5th-order weights minus the embedded 4th-order ones: the local error estimate.
+_DP_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
+
+
+@torch.no_grad()
+def solve_rk45(velocity: Velocity, x: Tensor, *, t0: float = 0.0, t1: float = 1.0,
+               rtol: float = 1e-5, atol: float = 1e-5, max_evals: int = 10_000) -> tuple[Tensor, int]:
+    """Adaptive Dormand-Prince from t0 to t1 with one step size for the batch; returns (x, NFE).
+
+    The error norm is the RMS over the whole batch (as scipy does for the flattened state used
+    by the official Rectified Flow sampler), so results do not depend on per-sample control.
+    """
+    batch = x.shape[0]
+    ones = torch.ones(batch, device=x.device, dtype=torch.float32)
+    t = t0
+    h = 0.01 * (t1 - t0)
+    k1 = velocity(x, t * ones)
+    nfe = 1
+    while t < t1 - 1e-12:
+        h = min(h, t1 - t)
+        ks = [k1]
+        for i in range(1, 7):
+            xi = x + h * sum(a * k for a, k in zip(_DP_A[i], ks, strict=False) if a != 0.0)
+            ks.append(velocity(xi, (t + _DP_C[i] * h) * ones))
+        nfe += 6
+        x_new = x + h * sum(b * k for b, k in zip(_DP_A[6], ks, strict=False) if b != 0.0)
+        err = h * sum(e * k for e, k in zip(_DP_E, ks, strict=False) if e != 0.0)
+        scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
+        err_norm = float(torch.sqrt(torch.mean((err / scale) ** 2)))
+        if err_norm <= 1.0:
+            t += h
+            x = x_new
+            k1 = ks[6]  # first-same-as-last: the last stage is the next step's first
+        factor = 0.9 * err_norm ** (-1 / 5) if err_norm > 0 else 10.0
+        h *= min(10.0, max(0.2, factor))
+        if nfe > max_evals:
+            raise RuntimeError(f"RK45 used more than {max_evals} evaluations; loosen rtol/atol")
+    return x, nfe

@@ -1,0 +1,1 @@
+"""One readable function per subcommand; the only place specs become core objects."""

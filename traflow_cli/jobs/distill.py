@@ -1,0 +1,144 @@
+"""`traflow distill`: TraFlow distillation of a teacher run into a few-step student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from traflow_cli.api import load_teacher
+from traflow_cli.engine.checkpoint import run_checkpoint
+from traflow_cli.engine.distributed import unwrap, wrap_ddp
+from traflow_cli.engine.ema import make_ema, update_ema
+from traflow_cli.engine.loop import TrainTask, train
+from traflow_cli.engine.records import atomic_write_bytes, write_summary
+from traflow_cli.flow import time_grid, trajectory_on_grid
+from traflow_cli.jobs.batches import global_normal, make_batch_source
+from traflow_cli.jobs.common import (
+    make_optimizer,
+    net_metadata,
+    optimizer_step,
+    prepare_run_dir,
+    rank_rows,
+    runtime_for,
+    sample_shape,
+)
+from traflow_cli.nets import student_from_teacher
+from traflow_cli.sampling import teacher_velocity
+from traflow_cli.seeding import derive_seed, generator_for
+from traflow_cli.specs import DistillSpec, RunSpec, SpecError
+from traflow_cli.traflow import TraFlowConfig, draw_times, traflow_loss
+
+SECTIONS = ("seed", "data", "net", "distill")
+
+
+def traflow_config(cfg: DistillSpec) -> TraFlowConfig:
+    """The method's own config from the spec section of the same field names."""
+    return TraFlowConfig(
+        grid_steps=cfg.grid_steps, teacher_solver=cfg.teacher_solver, start=cfg.start,
+        w_out=cfg.w_out, w_vel=cfg.w_vel, w_sc=cfg.w_sc, w_fm=cfg.w_fm,
+        lambda_vel=None if cfg.lambda_vel == "adaptive" else float(cfg.lambda_vel),
+        lambda_clip=cfg.lambda_clip, distance=cfg.distance, huber_c=cfg.huber_c,
+        derivative=cfg.derivative, fd_step=cfg.fd_step)
+
+
+def with_teacher_net(spec: RunSpec) -> RunSpec:
+    """The spec with its `net` section replaced by the teacher's: the student copies it."""
+    if spec.distill.teacher is None:
+        raise SpecError("distill.teacher: required; pass --teacher RUN_DIR (a teacher run folder)")
+    config = run_checkpoint(Path(spec.distill.teacher)).net_config()
+    merged = spec.model_dump(mode="json")
+    merged["net"] = config
+    return RunSpec.model_validate(merged)
+
+
+def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, seed: int,
+                         tf: TraFlowConfig, device: torch.device, cache_file: Path,
+                         batch: int = 4096) -> tuple[Tensor, Tensor]:
+    """A bank of `count` noises and their teacher trajectories [N + 1, count, ...], kept on disk.
+
+    Paying the teacher's solve once and reusing it every step is what makes data-free
+    distillation cheap (METHOD.md, "Cost per step").
+    """
+    from safetensors.torch import load_file, save
+
+    if cache_file.is_file():
+        saved = load_file(cache_file)
+        return saved["noise"].to(device), saved["trajectory"].to(device)
+    noise = torch.randn((count, *shape), generator=generator_for(seed, 3)).to(device)
+    grid = time_grid(tf.grid_steps, device=device)
+    parts = [trajectory_on_grid(teacher, chunk, torch.zeros(len(chunk), dtype=torch.long,
+                                                            device=device), grid,
+                                method=tf.teacher_solver)
+             for chunk in noise.split(batch)]
+    trajectory = torch.cat(parts, dim=1)
+    atomic_write_bytes(cache_file, save({"noise": noise.cpu().contiguous(),
+                                         "trajectory": trajectory.cpu().contiguous()}))
+    return noise, trajectory
+
+
+def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    """Distill spec.distill.teacher into a student; resumes from run_dir if started."""
+    spec = with_teacher_net(spec)
+    runtime = runtime_for(spec)
+    prepare_run_dir(run_dir, spec, job="distill", sections=SECTIONS, runtime=runtime)
+    cfg, tf = spec.distill, traflow_config(spec.distill)
+    config = spec.net_config()
+    teacher_net = runtime.place(load_teacher(cfg.teacher).net)
+    student = runtime.place(student_from_teacher(teacher_net, config))
+    target = make_ema(student)   # G^-: the target EMA (mu = target_ema)
+    ema = make_ema(student)      # the weights to sample with (mu = ema_decay)
+    params = list(student.parameters())
+    optimizer = make_optimizer(params, cfg, runtime)
+    model = runtime.maybe_compile(wrap_ddp(student, runtime.device))
+    teacher = runtime.maybe_compile(teacher_net)
+    last_layer = unwrap(student).output_layer.weight
+    rows = rank_rows(cfg.batch_size, runtime)
+    shape = sample_shape(config)
+    needs_data = cfg.start == "data" or cfg.w_fm > 0
+    batches = (make_batch_source(spec.data, seed=spec.seed, global_batch=cfg.batch_size,
+                                 runtime=runtime) if needs_data else None)
+    bank = None
+    if cfg.trajectory_cache:
+        bank = teacher_trajectories(teacher, shape, count=cfg.trajectory_cache, seed=spec.seed,
+                                    tf=tf, device=runtime.device,
+                                    cache_file=run_dir / "teacher_trajectories.safetensors")
+
+    def step_fn(step: int) -> dict[str, Tensor]:
+        torch.manual_seed(derive_seed(spec.seed, runtime.rank, step))  # dropout
+        gen = generator_for(spec.seed, 0, step, device=runtime.device)
+        times = draw_times(tf, cfg.batch_size, gen).rows(rows)
+        trajectory = None
+        if bank is not None:
+            pick = torch.randint(len(bank[0]), (cfg.batch_size,), generator=gen,
+                                 device=gen.device)[rows].to(runtime.device)
+            noise, trajectory = bank[0][pick], bank[1][:, pick]
+        else:
+            noise = runtime.place_batch(global_normal(shape, cfg.batch_size, rows, gen))
+        data, labels = batches(step) if batches is not None else (None, None)
+        with runtime.autocast():
+            loss = traflow_loss(model, target, teacher_velocity(teacher, labels), noise,
+                                config=tf, times=times, data=data, labels=labels,
+                                last_layer=last_layer, trajectory=trajectory)
+        loss.total.backward()
+        grad_norm = optimizer_step(optimizer, params, step, cfg)
+        update_ema(target, student, cfg.target_ema)
+        update_ema(ema, student, cfg.ema_decay)
+        return {"loss": loss.total.detach(), "grad_norm": grad_norm,
+                **{f"loss_{name}" if name != "lambda_vel" else name: value
+                   for name, value in loss.terms.items()}}
+
+    task = TrainTask(
+        run_dir=run_dir, title="distill", saved_modules={"net": student, "target": target,
+                                                         "ema": ema},
+        optimizer=optimizer, step_fn=step_fn, total_steps=cfg.duration_steps,
+        images_per_step=cfg.batch_size,
+        metadata=net_metadata(config, "student", teacher=str(cfg.teacher)),
+        log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
+        keep_checkpoints=cfg.keep_checkpoints)
+    summary = {"job": "distill", **train(task, runtime)}
+    if runtime.is_main:
+        write_summary(run_dir, summary)
+    return summary

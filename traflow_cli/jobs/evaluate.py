@@ -1,0 +1,113 @@
+"""`traflow eval`: toy distances, teacher-student agreement, and FID."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from traflow_cli.api import load_student, load_teacher
+from traflow_cli.data.toy import sample_toy
+from traflow_cli.engine.records import atomic_write_json
+from traflow_cli.engine.runtime import Runtime
+from traflow_cli.jobs.common import sample_shape
+from traflow_cli.jobs.writers import panels_row, save_image, scatter_panel
+from traflow_cli.metrics.agreement import mse_psnr, straightness
+from traflow_cli.metrics.toy import mmd_rbf, sliced_wasserstein
+from traflow_cli.sampling import noise_for_indices, sample_student, sample_teacher, student_times
+from traflow_cli.seeding import generator_for
+from traflow_cli.specs import RunSpec, SpecError
+
+
+def _points_from_npz(path: Path) -> Tensor:
+    with np.load(path) as archive:
+        if "points" not in archive:
+            raise SpecError(f"{path}: no 'points' array; expected the samples.npz of a toy run")
+        return torch.from_numpy(archive["points"]).float()
+
+
+def evaluate_toy(spec: RunSpec, *, teacher_dir: Path | None, student_dir: Path | None,
+                 sample_files: list[Path], out: Path | None, runtime: Runtime) -> dict[str, Any]:
+    """Distances to fresh true samples for the teacher at several Euler step counts, the
+    student at several NFE, and any sample files; the first row is the two-true-sets floor."""
+    cfg = spec.eval
+    n = cfg.num_samples
+    truth = sample_toy(spec.data.name, n, generator_for(spec.seed, 4))
+
+    def measure(label: str, points: Tensor, **info: Any) -> dict[str, Any]:
+        m = min(cfg.mmd_samples, len(points), n)
+        return {"model": label, **info, "num_samples": len(points),
+                "sliced_wasserstein": sliced_wasserstein(
+                    points[:n], truth[:len(points)], projections=cfg.projections,
+                    generator=generator_for(spec.seed, 6)),
+                "mmd": mmd_rbf(points[:m], truth[:m])}
+
+    rows = [measure("true samples (noise floor)",
+                    sample_toy(spec.data.name, n, generator_for(spec.seed, 5)))]
+    pictures = [scatter_panel(truth, "true distribution")]
+    noise = noise_for_indices(range(n), (2,), spec.seed).to(runtime.device)
+    if teacher_dir is not None:
+        teacher = load_teacher(teacher_dir, runtime.device)
+        for steps in cfg.teacher_steps:
+            x, nfe = sample_teacher(teacher.velocity, noise, solver="euler", steps=steps)
+            rows.append(measure("teacher", x.cpu(), solver="euler", nfe=nfe))
+            if steps in (1, max(cfg.teacher_steps)):
+                pictures.append(scatter_panel(x, f"teacher Euler {steps}"))
+    if student_dir is not None:
+        student = load_student(student_dir, runtime.device)
+        for nfe in cfg.student_nfe:
+            x = sample_student(student.net, noise, student_times(nfe))
+            rows.append(measure("student", x.cpu(), nfe=nfe))
+            pictures.append(scatter_panel(x, f"student NFE {nfe}"))
+    for path in sample_files:
+        points = _points_from_npz(path)
+        rows.append(measure(str(path), points))
+        pictures.append(scatter_panel(points, path.parent.name or path.name))
+    result = {"metric": "toy", "distribution": spec.data.name, "rows": rows}
+    if out is not None and runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "eval.json", result)
+        save_image(out / "eval.png", panels_row(pictures))
+        result["picture"] = str(out / "eval.png")
+    return result
+
+
+def evaluate_agreement(spec: RunSpec, *, student_dir: Path, teacher_dir: Path,
+                       out: Path | None, runtime: Runtime) -> dict[str, Any]:
+    """The same noise through the student at each NFE and the teacher's accurate RK45 solve."""
+    cfg = spec.eval
+    student = load_student(student_dir, runtime.device)
+    teacher = load_teacher(teacher_dir, runtime.device)
+    if student.config != teacher.config:
+        raise SpecError(f"--teacher: {teacher_dir} has a different network from the student's "
+                        "teacher; pass the teacher it was distilled from")
+    count = min(cfg.num_samples, 256 if student.config["kind"] != "mlp" else cfg.num_samples)
+    noise = noise_for_indices(range(count), sample_shape(student.config), spec.seed)
+    noise = noise.to(runtime.device)
+    num_classes = student.config.get("num_classes", 0)
+    labels = (torch.arange(count, device=runtime.device) % num_classes) if num_classes else None
+    velocity = (teacher.velocity if labels is None
+                else lambda x, t: teacher.velocity(x, t, class_labels=labels))
+    reference, teacher_nfe = sample_teacher(velocity, noise, solver="rk45",
+                                            rtol=spec.sample.rtol, atol=spec.sample.atol)
+    rows = []
+    for nfe in cfg.student_nfe:
+        x = sample_student(student.net, noise, student_times(nfe), labels=labels)
+        mse, psnr = mse_psnr(x, reference)
+        rows.append({"model": "student", "nfe": nfe, "mse": mse, "psnr_db": psnr})
+    for steps in cfg.teacher_steps:
+        x, nfe = sample_teacher(velocity, noise, solver="euler", steps=steps)
+        mse, psnr = mse_psnr(x, reference)
+        rows.append({"model": "teacher", "solver": "euler", "nfe": nfe, "mse": mse,
+                     "psnr_db": psnr})
+    result = {"metric": "agreement", "num_samples": count, "reference": "teacher rk45",
+              "reference_nfe": teacher_nfe,
+              "straightness": straightness(student.net, noise, generator_for(spec.seed, 7),
+                                           labels),
+              "rows": rows}
+    if out is not None and runtime.is_main:
+        atomic_write_json(out / "agreement.json", result)
+    return result

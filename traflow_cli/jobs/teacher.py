@@ -1,0 +1,98 @@
+"""`traflow teacher train`: a rectified-flow teacher, top to bottom."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from traflow_cli.engine.distributed import wrap_ddp
+from traflow_cli.engine.ema import make_ema, update_ema
+from traflow_cli.engine.loop import TrainTask, train
+from traflow_cli.engine.records import write_summary
+from traflow_cli.flow import rectified_flow_loss, sample_train_times
+from traflow_cli.jobs.batches import global_normal, make_batch_source
+from traflow_cli.jobs.common import (
+    make_optimizer,
+    net_metadata,
+    optimizer_step,
+    prepare_run_dir,
+    rank_rows,
+    runtime_for,
+    sample_shape,
+)
+from traflow_cli.nets import build_net
+from traflow_cli.sampling import teacher_velocity
+from traflow_cli.seeding import derive_seed, generator_for
+from traflow_cli.specs import RunSpec
+
+SECTIONS = ("seed", "data", "net", "teacher")
+
+
+def train_teacher(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    """Train v(x, t) by rectified flow on the spec's data; resumes from run_dir if started."""
+    runtime = runtime_for(spec)
+    prepare_run_dir(run_dir, spec, job="teacher", sections=SECTIONS, runtime=runtime)
+    cfg = spec.teacher
+    config = spec.net_config()
+    net = runtime.place(build_net(config))
+    ema = make_ema(net)
+    params = list(net.parameters())
+    optimizer = make_optimizer(params, cfg, runtime)
+    model = runtime.maybe_compile(wrap_ddp(net, runtime.device))
+    batches = make_batch_source(spec.data, seed=spec.seed, global_batch=cfg.batch_size,
+                                runtime=runtime)
+    rows = rank_rows(cfg.batch_size, runtime)
+    shape = sample_shape(config)
+
+    def step_fn(step: int) -> dict[str, Tensor]:
+        torch.manual_seed(derive_seed(spec.seed, runtime.rank, step))  # dropout
+        gen = generator_for(spec.seed, 0, step, device=runtime.device)
+        data, labels = batches(step)
+        noise = runtime.place_batch(global_normal(shape, cfg.batch_size, rows, gen))
+        t = sample_train_times(cfg.batch_size, gen, runtime.device, cfg.t_eps)[rows]
+        with runtime.autocast():
+            loss = rectified_flow_loss(teacher_velocity(model, labels), noise, data, t).mean()
+        loss.backward()
+        grad_norm = optimizer_step(optimizer, params, step, cfg)
+        update_ema(ema, net, cfg.ema_decay)
+        return {"loss": loss.detach(), "grad_norm": grad_norm}
+
+    task = TrainTask(
+        run_dir=run_dir, title="teacher", saved_modules={"net": net, "ema": ema},
+        optimizer=optimizer, step_fn=step_fn, total_steps=cfg.duration_steps,
+        images_per_step=cfg.batch_size, metadata=net_metadata(config, "teacher"),
+        log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
+        keep_checkpoints=cfg.keep_checkpoints)
+    summary = {"job": "teacher", **train(task, runtime)}
+    if runtime.is_main:
+        write_summary(run_dir, summary)
+    return summary
+
+
+def import_teacher(spec: RunSpec, path: Path, run_dir: Path, *, image_size: int = 32,
+                   use_ema: bool = True) -> dict[str, Any]:
+    """Write a teacher run folder from an official Rectified Flow checkpoint, checked in full."""
+    from traflow_cli.engine.checkpoint import save_checkpoint
+    from traflow_cli.engine.records import write_spec_record
+    from traflow_cli.interop import read_rectified_flow_checkpoint
+
+    config, state = read_rectified_flow_checkpoint(path, image_size=image_size, use_ema=use_ema)
+    net_config = {"kind": "ncsnpp", **config}
+    merged = spec.model_dump(mode="json")
+    merged["net"] = net_config
+    spec = RunSpec.model_validate(merged)
+    net = build_net(net_config)
+    net.load_state_dict(state)  # strict: every name and shape was checked by the reader too
+    write_spec_record(run_dir, job="teacher", spec=spec.model_dump(mode="json"),
+                      fingerprint=spec.fingerprint(SECTIONS))
+    ckpt = save_checkpoint(run_dir / "checkpoints", step=0, modules={"ema": net.state_dict()},
+                           trainer_state={}, metadata=net_metadata(
+                               spec.net_config(), "teacher", source=str(path),
+                               weights="ema" if use_ema else "raw"))
+    summary = {"job": "teacher-import", "source": str(path), "checkpoint": str(ckpt),
+               "parameters": sum(p.numel() for p in net.parameters()), **config}
+    write_summary(run_dir, summary)
+    return summary

@@ -1,0 +1,1 @@
+"""Metrics: toy distances, teacher-student agreement, FID."""
