@@ -161,3 +161,49 @@ def solve_rk45(velocity: Velocity, x: Tensor, *, t0: float = 0.0, t1: float = 1.
         if nfe > max_evals:
             raise RuntimeError(f"RK45 used more than {max_evals} evaluations; loosen rtol/atol")
     return x, nfe
+
+
+# velocity(x [A, ...], t [A], rows [A]) -> [A, ...]; rows index the A active samples in the batch.
+RowVelocity = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@torch.no_grad()
+def solve_rk45_per_sample(velocity: RowVelocity, x: Tensor, *, t0: float = 0.0, t1: float = 1.0,
+                          rtol: float = 1e-5, atol: float = 1e-5,
+                          max_evals: int = 10_000) -> tuple[Tensor, Tensor]:
+    """Dormand-Prince from t0 to t1 with a step size for each sample; returns (x, NFE [B]).
+
+    Each sample's error norm is the RMS over its own elements (solve_rk45 pools the batch), so
+    its steps, and its result, do not depend on which samples share its batch. Finished samples
+    leave the batch; `rows` tells the velocity which samples it gets (e.g. to pick their labels).
+    """
+    batch = x.shape[0]
+    x = x.clone()
+    t = torch.full((batch,), t0, dtype=torch.float64, device=x.device)
+    h = torch.full_like(t, 0.01 * (t1 - t0))
+    nfe = torch.ones(batch, dtype=torch.long, device=x.device)
+    rows = torch.arange(batch, device=x.device)
+    k1 = velocity(x, t.float(), rows)
+    while rows.numel():
+        xa, ta, k1a = x[rows], t[rows], k1[rows]
+        ha = torch.minimum(h[rows], t1 - ta)  # [A]
+        hx = per_sample(ha, xa)
+        ks = [k1a]
+        for i in range(1, 7):
+            xi = xa + hx * sum(a * k for a, k in zip(_DP_A[i], ks, strict=False) if a != 0.0)
+            ks.append(velocity(xi, (ta + _DP_C[i] * ha).float(), rows))
+        nfe[rows] += 6
+        x_new = xa + hx * sum(b * k for b, k in zip(_DP_A[6], ks, strict=False) if b != 0.0)
+        err = hx * sum(e * k for e, k in zip(_DP_E, ks, strict=False) if e != 0.0)
+        scale = atol + rtol * torch.maximum(xa.abs(), x_new.abs())
+        err_norm = ((err / scale) ** 2).flatten(1).mean(1).sqrt().double()  # [A]
+        ok = err_norm <= 1.0
+        x[rows[ok]] = x_new[ok]
+        k1[rows[ok]] = ks[6][ok]  # first-same-as-last: the last stage is the next step's first
+        t[rows[ok]] = ta[ok] + ha[ok]
+        factor = torch.where(err_norm > 0, 0.9 * err_norm.clamp(min=1e-300) ** (-1 / 5), 10.0)
+        h[rows] = ha * factor.clamp(0.2, 10.0)
+        if int(nfe.max()) > max_evals:
+            raise RuntimeError(f"RK45 used more than {max_evals} evaluations; loosen rtol/atol")
+        rows = rows[t[rows] < t1 - 1e-12]
+    return x, nfe

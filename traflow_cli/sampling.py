@@ -39,11 +39,14 @@ def student_times(nfe: int, times: Sequence[float] | None = None) -> Tensor:
 
 @torch.no_grad()
 def sample_student(net: nn.Module, noise: Tensor, times: Tensor, *, labels: Tensor | None = None,
-                   gamma: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+                   gamma: float = 0.0, generator: torch.Generator | None = None,
+                   fresh: Tensor | None = None) -> Tensor:
     """x <- G(x, t_n, t_(n+1)) from noise [B, ...]; len(times) - 1 network evaluations.
 
     gamma > 0 is CTM's gamma-sampling in rectified-flow form: jump past t_(n+1) to
     s' = t_(n+1) + gamma (1 - t_(n+1)), then move back to t_(n+1) along the path with fresh noise.
+    The fresh noise of step n is fresh[:, n] when given ([B, len(times) - 2, ...], e.g. seeded
+    per sample), else drawn from `generator`.
     """
     x = noise
     ones = torch.ones(noise.shape[0], device=noise.device)
@@ -59,9 +62,13 @@ def sample_student(net: nn.Module, noise: Tensor, times: Tensor, *, labels: Tens
         # x_far = s' data + (1 - s') z; scale to s and top up the noise to variance (1 - s)^2.
         keep = s / s_far
         extra = torch.sqrt(torch.clamp((1 - s) ** 2 - (keep * (1 - s_far)) ** 2, min=0.0))
-        fresh = torch.randn(x.shape, generator=generator, device=x.device) if generator is not None \
-            else torch.randn_like(x)
-        x = keep * x_far + extra * fresh
+        if fresh is not None:
+            z = fresh[:, n].to(x)
+        elif generator is not None:
+            z = torch.randn(x.shape, generator=generator, device=x.device)
+        else:
+            z = torch.randn_like(x)
+        x = keep * x_far + extra * z
     return x
 
 

@@ -20,7 +20,6 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -134,14 +133,6 @@ class DistillSpec(TrainingSpec):
     target_ema: Unit = 0.9999
     trajectory_cache: NonNegativeInt = 0
 
-    @field_validator("teacher")
-    @classmethod
-    def _teacher_exists(cls, value: str | None) -> str | None:
-        if value is not None and not (Path(value) / "spec.json").is_file():
-            raise ValueError(f"no teacher run at {value!r} (expected the folder written by "
-                             "'traflow teacher train' or 'traflow teacher import')")
-        return value
-
     @model_validator(mode="after")
     def _coherent(self) -> DistillSpec:
         if self.w_out == self.w_vel == self.w_sc == self.w_fm == 0:
@@ -151,6 +142,16 @@ class DistillSpec(TrainingSpec):
         if self.lambda_clip[0] > self.lambda_clip[1]:
             raise ValueError("lambda_clip must be (low, high) with low <= high")
         return self
+
+
+def check_teacher_run(path: str | None) -> None:
+    """The distill job's precondition, checked before any work (not at validation: a finished
+    student's spec stays loadable after its teacher folder has moved)."""
+    if path is None:
+        raise SpecError("distill.teacher: required; pass --teacher RUN_DIR (a teacher run folder)")
+    if not (Path(path) / "spec.json").is_file():
+        raise SpecError(f"distill.teacher: no teacher run at {path!r} (expected the folder "
+                        "written by 'traflow teacher train' or 'traflow teacher import')")
 
 
 class SampleSpec(Section):

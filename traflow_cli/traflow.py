@@ -7,6 +7,7 @@ Phi is the teacher's ODE solve on the grid tau_0 = 0 < ... < tau_N = 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -132,23 +133,32 @@ def distance(a: Tensor, b: Tensor, kind: str = "l2", huber_c: float = 0.03) -> T
 
 
 def adaptive_lambda(consistency: Tensor, velocity_loss: Tensor, last_layer: Tensor,
-                    clip: tuple[float, float]) -> Tensor:
-    """||grad consistency|| / ||grad L_vel|| on the last layer's weight, clipped (SCoT's weighting)."""
-    g_cons = torch.autograd.grad(consistency, last_layer, retain_graph=True)[0].norm()
-    g_vel = torch.autograd.grad(velocity_loss, last_layer, retain_graph=True)[0].norm()
-    return (g_cons / (g_vel + 1e-8)).clamp(*clip).detach()
+                    clip: tuple[float, float], grad_mean: Callable[[Tensor], Tensor] | None = None
+                    ) -> Tensor:
+    """||grad consistency|| / ||grad L_vel|| on the last layer's weight, clipped (SCoT's weighting).
+
+    Under data parallelism each process sees part of the batch: `grad_mean` averages the two
+    gradients over processes before the norms, so lambda is the whole batch's on every process.
+    """
+    g_cons = torch.autograd.grad(consistency, last_layer, retain_graph=True)[0]
+    g_vel = torch.autograd.grad(velocity_loss, last_layer, retain_graph=True)[0]
+    if grad_mean is not None:
+        g_cons, g_vel = grad_mean(torch.stack([g_cons, g_vel])).unbind()
+    return (g_cons.norm() / (g_vel.norm() + 1e-8)).clamp(*clip).detach()
 
 
 def traflow_loss(student: nn.Module, target: nn.Module, teacher: Velocity, noise: Tensor, *,
                  config: TraFlowConfig, times: TimeDraw, data: Tensor | None = None,
                  labels: Tensor | None = None, last_layer: Tensor | None = None,
-                 trajectory: Tensor | None = None) -> TraFlowLoss:
+                 trajectory: Tensor | None = None,
+                 grad_mean: Callable[[Tensor], Tensor] | None = None) -> TraFlowLoss:
     """One TraFlow loss on a batch of noise [B, ...] (and data, for start="data" or w_fm > 0).
 
     `teacher(x, t)` is the teacher velocity (labels already bound); `target` is G^-'s network,
     whose weights must not require grad; `last_layer` is the student weight used to balance
     L_vel when config.lambda_vel is None; `trajectory` [N + 1, B, ...] is the teacher's solve
-    from this noise on the grid, when it was cached, so that it is not paid again.
+    from this noise on the grid, when it was cached, so that it is not paid again; `grad_mean`
+    averages over data-parallel processes (see adaptive_lambda).
     """
     cfg = config
     grid = time_grid(cfg.grid_steps, device=noise.device)
@@ -207,7 +217,8 @@ def traflow_loss(student: nn.Module, target: nn.Module, teacher: Velocity, noise
         if cfg.lambda_vel is not None:
             lam = torch.tensor(cfg.lambda_vel, device=noise.device)
         elif consistency is not None and last_layer is not None and consistency.requires_grad:
-            lam = adaptive_lambda(consistency, terms["vel"], last_layer, cfg.lambda_clip)
+            lam = adaptive_lambda(consistency, terms["vel"], last_layer, cfg.lambda_clip,
+                                  grad_mean)
         else:
             lam = torch.ones((), device=noise.device)
         terms["lambda_vel"] = lam

@@ -9,6 +9,7 @@ import typer
 
 from traflow_cli.cli import options as o
 from traflow_cli.cli import render
+from traflow_cli.specs import check_teacher_run
 
 
 def distill_command(
@@ -31,6 +32,8 @@ def distill_command(
     spec = o.resolve(preset, sets, device=device, seed=seed,
                      values={"distill.teacher": str(teacher) if teacher else None,
                              "distill.duration_steps": steps})
+    with o.user_errors():
+        check_teacher_run(spec.distill.teacher)
     if dry:
         o.dry_run(spec)
     from traflow_cli.jobs.distill import distill

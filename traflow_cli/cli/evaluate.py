@@ -98,3 +98,70 @@ def agreement_command(
         f"agreement with the teacher's RK45 solve ({r['reference_nfe']} NFE); "
         f"straightness {r['straightness']:.4g}", r["rows"],
         ["model", "solver", "nfe", "mse", "psnr_db"]))
+
+
+@app.command("fid")
+def fid_command(
+    samples: Annotated[Path, typer.Argument(
+        help="Samples: a folder written by 'traflow sample' (or its samples.npz), or any "
+        "folder, .zip or .npz (uint8 NHWC) of images.", show_default=False)],
+    ref: Annotated[str | None, typer.Option(
+        "--ref", "-r", help="Reference: a clean-fid dataset name (cifar10), a folder or .zip of "
+        "images, or statistics .npz (mu, sigma). (default: the spec's eval.fid_reference)",
+        show_default=False)] = None,
+    mode: Annotated[str | None, typer.Option(
+        "--mode", help="legacy_tensorflow (the CIFAR-10 protocol), clean or legacy_pytorch. "
+        "(default: the spec's eval.fid_mode)", show_default=False)] = None,
+    split: Annotated[str | None, typer.Option(
+        "--split", help="Reference split: train or test. (default: the spec's eval.fid_split)",
+        show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, help="Images per Inception forward pass.")] = 100,
+    offline: Annotated[bool, typer.Option(
+        "--offline", help="Never download the network or reference statistics.")] = False,
+    preset: Annotated[str | None, typer.Option(
+        "--preset", "-p", help="Base spec. (default: the samples' own run spec)",
+        show_default=False)] = None,
+    sets: o.Sets = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Folder for fid.json. (default: the SAMPLES folder)",
+        show_default=False)] = None,
+    device: o.Device = None,
+    as_json: o.Json = False,
+    dry: o.DryRun = False,
+) -> None:
+    """FID with clean-fid's protocol (default: legacy_tensorflow, training split, 50,000 samples)."""
+    own = samples if (samples / "spec.json").is_file() else samples.parent
+    base = preset or (str(own) if (own / "spec.json").is_file() else "toy2d")
+    spec = o.resolve(base, sets, device=device, seed=None, values={
+        "eval.fid_reference": ref, "eval.fid_mode": mode, "eval.fid_split": split})
+    if dry:
+        o.dry_run(spec)
+    from traflow_cli.jobs.evaluate import evaluate_fid
+
+    folder = out or (samples if samples.is_dir() else samples.parent)
+    with o.user_errors():
+        result = evaluate_fid(spec, samples=samples, out=folder, batch_size=batch_size,
+                              allow_download=not offline)
+    for line in result["warnings"]:
+        o.err(line)
+    o.emit(result, as_json, _render_fid)
+
+
+def _render_fid(r: dict) -> None:
+    from rich.table import Table
+
+    ref, net = r["reference"], r["inception"]
+    reference = f"{ref['source']} ({ref['kind']}, {ref['split']} split, {ref['resolution']}px"
+    reference += f", {ref['num_images']:,} images)" if ref["num_images"] else ")"
+    if ref["stats_path"] != ref["source"]:
+        reference += f"\nstatistics: {ref['stats_path']}"
+    out = Table(title=f"FID, written to {r['written']}" if r.get("written") else "FID")
+    out.add_column("", justify="right", style="bold")
+    out.add_column("", overflow="fold")
+    for name, value in (
+            ("FID", f"{r['fid']:.4f}"), ("samples", f"{r['num_samples']:,} ({r['samples']})"),
+            ("mode", r["mode"]), ("reference", reference),
+            ("inception", f"{net['source']}: {net['path']}\nsha256 {net['sha256']}")):
+        out.add_row(name, value)
+    render.console.print(out)

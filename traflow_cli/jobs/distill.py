@@ -10,7 +10,7 @@ from torch import Tensor
 
 from traflow_cli.api import load_teacher
 from traflow_cli.engine.checkpoint import run_checkpoint
-from traflow_cli.engine.distributed import unwrap, wrap_ddp
+from traflow_cli.engine.distributed import all_mean, gather_shards, rank, shard, unwrap, wrap_ddp
 from traflow_cli.engine.ema import make_ema, update_ema
 from traflow_cli.engine.loop import TrainTask, train
 from traflow_cli.engine.records import atomic_write_bytes, write_summary
@@ -28,7 +28,7 @@ from traflow_cli.jobs.common import (
 from traflow_cli.nets import student_from_teacher
 from traflow_cli.sampling import teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
-from traflow_cli.specs import DistillSpec, RunSpec, SpecError
+from traflow_cli.specs import DistillSpec, RunSpec, check_teacher_run
 from traflow_cli.traflow import TraFlowConfig, draw_times, traflow_loss
 
 SECTIONS = ("seed", "data", "net", "distill")
@@ -46,8 +46,7 @@ def traflow_config(cfg: DistillSpec) -> TraFlowConfig:
 
 def with_teacher_net(spec: RunSpec) -> RunSpec:
     """The spec with its `net` section replaced by the teacher's: the student copies it."""
-    if spec.distill.teacher is None:
-        raise SpecError("distill.teacher: required; pass --teacher RUN_DIR (a teacher run folder)")
+    check_teacher_run(spec.distill.teacher)
     config = run_checkpoint(Path(spec.distill.teacher)).net_config()
     merged = spec.model_dump(mode="json")
     merged["net"] = config
@@ -69,13 +68,16 @@ def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, se
         return saved["noise"].to(device), saved["trajectory"].to(device)
     noise = torch.randn((count, *shape), generator=generator_for(seed, 3)).to(device)
     grid = time_grid(tf.grid_steps, device=device)
+    # Under DDP each rank solves its share of the rows, then every rank gets all of them.
     parts = [trajectory_on_grid(teacher, chunk, torch.zeros(len(chunk), dtype=torch.long,
                                                             device=device), grid,
                                 method=tf.teacher_solver)
-             for chunk in noise.split(batch)]
-    trajectory = torch.cat(parts, dim=1)
-    atomic_write_bytes(cache_file, save({"noise": noise.cpu().contiguous(),
-                                         "trajectory": trajectory.cpu().contiguous()}))
+             for chunk in noise[shard(count)].split(batch)]
+    empty = noise.new_empty((tf.grid_steps + 1, 0, *shape))
+    trajectory = gather_shards(torch.cat(parts or [empty], dim=1), count, dim=1)
+    if rank() == 0:
+        atomic_write_bytes(cache_file, save({"noise": noise.cpu().contiguous(),
+                                             "trajectory": trajectory.cpu().contiguous()}))
     return noise, trajectory
 
 
@@ -87,6 +89,7 @@ def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     cfg, tf = spec.distill, traflow_config(spec.distill)
     config = spec.net_config()
     teacher_net = runtime.place(load_teacher(cfg.teacher).net)
+    torch.manual_seed(derive_seed(spec.seed, 5))  # the s branch's initial weights
     student = runtime.place(student_from_teacher(teacher_net, config))
     target = make_ema(student)   # G^-: the target EMA (mu = target_ema)
     ema = make_ema(student)      # the weights to sample with (mu = ema_decay)
@@ -121,7 +124,7 @@ def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         with runtime.autocast():
             loss = traflow_loss(model, target, teacher_velocity(teacher, labels), noise,
                                 config=tf, times=times, data=data, labels=labels,
-                                last_layer=last_layer, trajectory=trajectory)
+                                last_layer=last_layer, trajectory=trajectory, grad_mean=all_mean)
         loss.total.backward()
         grad_norm = optimizer_step(optimizer, params, step, cfg)
         update_ema(target, student, cfg.target_ema)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,4 +112,71 @@ def evaluate_agreement(spec: RunSpec, *, student_dir: Path, teacher_dir: Path,
               "rows": rows}
     if out is not None and runtime.is_main:
         atomic_write_json(out / "agreement.json", result)
+    return result
+
+
+# FID is biased upward at small N; CIFAR-10 results are reported at 50,000 samples.
+FID_PROTOCOL_SAMPLES = 50_000
+
+
+def fid_samples_path(samples: Path) -> tuple[Path, list[str]]:
+    """What to measure: a `traflow sample` folder becomes its images/ (else its samples.npz);
+    any other folder, .zip or .npz is taken as given. Returns (path, warnings)."""
+    from traflow_cli.jobs.sample import IMAGES_DIR
+    from traflow_cli.jobs.writers import existing_indices
+    from traflow_cli.metrics.fid import FIDError
+
+    record = samples / "spec.json"
+    if not (samples.is_dir() and record.is_file()):
+        return samples, []
+    saved = json.loads(record.read_text())
+    if saved.get("job") != "sample":
+        raise FIDError(f"{samples} is a {saved.get('job')!r} run folder, not samples; pass the "
+                       "folder written by 'traflow sample' (or its samples.npz)")
+    wanted = saved["spec"]["sample"]["num_samples"]
+    found = len(existing_indices(samples / IMAGES_DIR))
+    if found:
+        warnings = [] if found >= wanted else [
+            f"warning: {samples} holds {found} of {wanted} samples (an interrupted "
+            "'traflow sample'? re-run it to finish); measuring those"]
+        return samples / IMAGES_DIR, warnings
+    if (samples / "samples.npz").is_file():
+        return samples / "samples.npz", []
+    raise FIDError(f"{samples}: no samples yet ({IMAGES_DIR}/ and samples.npz are missing); "
+                   "run 'traflow sample' first")
+
+
+def evaluate_fid(spec: RunSpec, *, samples: Path, out: Path | None, batch_size: int = 100,
+                 num_workers: int = 0, allow_download: bool = True) -> dict[str, Any]:
+    """FID of samples (a `traflow sample` folder, an image folder, .zip or .npz) against
+    spec.eval.fid_reference with clean-fid's protocol for spec.eval.fid_mode; writes fid.json
+    to out (None: do not write). The result's `warnings` are one-line notes for stderr."""
+    from traflow_cli.metrics.fid import FIDError, compute_fid
+
+    cfg = spec.eval
+    if cfg.fid_reference is None:
+        raise SpecError("--ref: no reference given and eval.fid_reference is not set; pass "
+                        "--ref cifar10 (clean-fid statistics), a folder or .zip of images, or a "
+                        "statistics .npz (mu, sigma)")
+    device = spec.runtime.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    measured, warnings = fid_samples_path(samples)
+    began = time.perf_counter()
+    fid = compute_fid(measured, cfg.fid_reference, mode=cfg.fid_mode, split=cfg.fid_split,
+                      batch_size=batch_size, device=device, num_workers=num_workers,
+                      allow_download=allow_download)
+    if fid.num_samples < FID_PROTOCOL_SAMPLES:
+        warnings.append(f"warning: FID of {fid.num_samples:,} samples is biased upward at small "
+                        f"N; measure {FID_PROTOCOL_SAMPLES:,} (the CIFAR-10 protocol) for numbers "
+                        "comparable with published ones")
+    result = {"metric": "fid", **fid.to_dict(), "device": str(device),
+              "seconds": round(time.perf_counter() - began, 3), "warnings": warnings}
+    if out is not None:
+        try:
+            atomic_write_json(out / "fid.json", result)
+        except OSError as exc:
+            raise FIDError(f"cannot write {out / 'fid.json'} ({exc.strerror or exc}); pass --out "
+                           "a writable folder") from None
+        result["written"] = str(out / "fid.json")
     return result

@@ -1,7 +1,20 @@
-"""`traflow sample`: samples from a teacher (ODE) or a student (any NFE), resumable."""
+"""`traflow sample`: samples from a teacher (ODE) or a student (any NFE), resumable.
+
+An image run folder (--out) holds:
+  images/000000.png ...  one lossless PNG per sample: the store a resumed run fills in
+  samples.npz            with --format npz|both: `images` [N, H, W, C] uint8 (NHWC), plus
+                         `labels` [N] for class-conditional models; with npz alone the PNGs
+                         are removed once it is written
+  grid.png               the first 64 samples, 8 per row
+  spec.json, source.json (the model and settings the samples came from), summary.json
+A toy (2-D) run writes samples.npz (`points` [N, 2]) and samples.png instead.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -14,21 +27,27 @@ from traflow_cli.api import Student, Teacher, load_student, load_teacher
 from traflow_cli.engine.checkpoint import run_checkpoint
 from traflow_cli.engine.distributed import barrier
 from traflow_cli.engine.progress import ProgressBar
-from traflow_cli.engine.records import atomic_write_bytes, write_spec_record, write_summary
+from traflow_cli.engine.records import atomic_write_json, write_spec_record, write_summary
 from traflow_cli.engine.runtime import Runtime
+from traflow_cli.flow import solve_rk45_per_sample
 from traflow_cli.jobs.common import sample_shape
 from traflow_cli.jobs.writers import (
     PNGWriter,
+    existing_indices,
     image_grid,
     missing_indices,
     panels_row,
     read_pngs,
     save_image,
+    save_npz,
     scatter_panel,
     to_uint8,
 )
 from traflow_cli.sampling import noise_for_indices, sample_student, sample_teacher, student_times
-from traflow_cli.specs import RunSpec, SampleSpec
+from traflow_cli.specs import RunSpec, SampleSpec, SpecError
+
+IMAGES_DIR = "images"
+GRID_COUNT = 64
 
 
 def load_model(run_dir: Path, device: torch.device) -> Teacher | Student:
@@ -38,7 +57,7 @@ def load_model(run_dir: Path, device: torch.device) -> Teacher | Student:
 
 def class_labels(indices: list[int], cfg: SampleSpec, num_classes: int,
                  device: torch.device) -> Tensor | None:
-    """A fixed class, or labels cycling evenly through the classes by sample index."""
+    """A fixed class, or labels cycling evenly through the classes by sample index, [B]."""
     if num_classes == 0:
         return None
     labels = [cfg.class_label if cfg.class_label is not None else i % num_classes
@@ -47,16 +66,66 @@ def class_labels(indices: list[int], cfg: SampleSpec, num_classes: int,
 
 
 def generate(model: nn.Module, noise: Tensor, cfg: SampleSpec, labels: Tensor | None,
-             runtime: Runtime) -> tuple[Tensor, int]:
-    """One batch of samples from noise; returns (samples, network evaluations per sample)."""
+             runtime: Runtime, fresh: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One batch of samples from noise [B, ...]; returns (samples, NFE of each sample [B])."""
+    batch = noise.shape[0]
     with runtime.autocast():
         if isinstance(model, Student):
             times = student_times(cfg.nfe, cfg.times)
-            return sample_student(model.net, noise, times, labels=labels, gamma=cfg.gamma), cfg.nfe
+            x = sample_student(model.net, noise, times, labels=labels, gamma=cfg.gamma,
+                               fresh=fresh)
+            return x, torch.full((batch,), cfg.nfe)
+        if cfg.solver == "rk45":
+            # Step sizes per sample: the batch a sample lands in never changes its image.
+            return solve_rk45_per_sample(
+                lambda x, t, rows: model.velocity(
+                    x, t, class_labels=None if labels is None else labels[rows]),
+                noise, rtol=cfg.rtol, atol=cfg.atol)
         velocity = (model.velocity if labels is None
                     else lambda x, t: model.velocity(x, t, class_labels=labels))
-        return sample_teacher(velocity, noise, solver=cfg.solver, steps=cfg.steps,
-                              rtol=cfg.rtol, atol=cfg.atol)
+        x, nfe = sample_teacher(velocity, noise, solver=cfg.solver, steps=cfg.steps)
+        return x, torch.full((batch,), nfe)
+
+
+def sampling_source(spec: RunSpec, run_dir: Path, model: Teacher | Student) -> dict[str, Any]:
+    """What decides the images: the checkpoint, the seed and the settings this model uses.
+
+    Batch size, sample count, format and grid are left out: they never change image i.
+    """
+    cfg = spec.sample
+    ckpt = run_checkpoint(run_dir)
+    digest = hashlib.sha256()
+    with open(ckpt.path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    source: dict[str, Any] = {
+        "model": str(run_dir.resolve()), "checkpoint": ckpt.path.name,
+        "checkpoint_sha256": digest.hexdigest(), "seed": spec.seed,
+        "sample.class_label": cfg.class_label}
+    if isinstance(model, Student):
+        source.update({"role": "student", "sample.nfe": cfg.nfe, "sample.times": cfg.times,
+                       "sample.gamma": cfg.gamma})
+    elif cfg.solver == "rk45":
+        source.update({"role": "teacher", "sample.solver": "rk45", "sample.rtol": cfg.rtol,
+                       "sample.atol": cfg.atol})
+    else:
+        source.update({"role": "teacher", "sample.solver": cfg.solver, "sample.steps": cfg.steps})
+    return source
+
+
+def check_resume(out: Path, source: dict[str, Any]) -> None:
+    """Refuse to add samples to a folder whose existing ones came from something else."""
+    path = out / "source.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    # The model may move; its checkpoint's contents may not.
+    differ = [k for k in sorted(set(saved) | set(source))
+              if k != "model" and saved.get(k) != source.get(k)]
+    if differ:
+        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {source.get(k)!r}" for k in differ[:4])
+        raise SpecError(f"--out: {out} holds samples made differently ({changes}); re-run with "
+                        "the same model and settings to resume, or choose another --out")
 
 
 def sample_run(spec: RunSpec, run_dir: Path, out: Path, runtime: Runtime) -> dict[str, Any]:
@@ -70,58 +139,122 @@ def sample_run(spec: RunSpec, run_dir: Path, out: Path, runtime: Runtime) -> dic
     config = model.config
     shape = sample_shape(config)
     is_points = config["kind"] == "mlp"
+    num_classes = config.get("num_classes", 0)
+    if cfg.class_label is not None and cfg.class_label >= num_classes:
+        allowed = f"0..{num_classes - 1}" if num_classes else "none: the model is unconditional"
+        raise SpecError(f"sample.class_label: {cfg.class_label} is not a class of this model "
+                        f"(classes: {allowed})")
+    source = sampling_source(spec, run_dir, model)
+    check_resume(out, source)
+    images_dir = out / IMAGES_DIR
     if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
         write_spec_record(out, job="sample", spec=spec.model_dump(mode="json"),
                           fingerprint=spec.fingerprint(("seed", "sample")))
-    todo = list(range(cfg.num_samples)) if is_points else missing_indices(out, cfg.num_samples)
+        atomic_write_json(out / "source.json", source)
+        if not is_points:
+            _unpack_npz(out, images_dir, cfg.num_samples)
+    barrier()  # source.json and any unpacked PNGs exist before the ranks look for gaps
+    todo = list(range(cfg.num_samples)) if is_points else missing_indices(images_dir,
+                                                                          cfg.num_samples)
     # Ranks split image work by sample index; a point cloud is one file, made by rank 0.
     mine = (todo if runtime.is_main else []) if is_points else todo[runtime.rank::runtime.world_size]
-    writer = None if is_points else PNGWriter(out)
+    done_before = cfg.num_samples - len(todo)
+    writer = None if is_points else PNGWriter(images_dir)
     points: list[Tensor] = []
-    nfe_used = 0
+    nfe_seen: list[Tensor] = []
     began = time.perf_counter()
-    with ProgressBar("sample", len(mine), enabled=runtime.is_main, unit="samples") as bar:
-        for start in range(0, len(mine), cfg.batch_size):
-            indices = mine[start:start + cfg.batch_size]
-            noise = runtime.place_batch(noise_for_indices(indices, shape, spec.seed))
-            labels = class_labels(indices, cfg, config.get("num_classes", 0), runtime.device)
-            x, nfe_used = generate(model, noise, cfg, labels, runtime)
-            if writer is None:
-                points.append(x.float().cpu())
-            else:
-                writer.write(indices, to_uint8(x))
-            bar.update(start + len(indices))
-    if writer is not None:
-        writer.close()
+    # The fresh noise of gamma-sampling is seeded per sample too: steps 1.. of the same stream.
+    fresh_steps = cfg.nfe - 1 if isinstance(model, Student) and cfg.gamma > 0 else 0
+    try:
+        with ProgressBar("sample", done_before + len(mine), completed=done_before,
+                         enabled=runtime.is_main, unit="samples") as bar:
+            for start in range(0, len(mine), cfg.batch_size):
+                indices = mine[start:start + cfg.batch_size]
+                draws = noise_for_indices(indices, (1 + fresh_steps, *shape), spec.seed)
+                noise = runtime.place_batch(draws[:, 0])
+                fresh = draws[:, 1:].to(runtime.device) if fresh_steps else None
+                labels = class_labels(indices, cfg, num_classes, runtime.device)
+                x, nfe = generate(model, noise, cfg, labels, runtime, fresh)
+                nfe_seen.append(nfe.cpu())
+                if writer is None:
+                    points.append(x.float().cpu())
+                else:
+                    writer.write(indices, to_uint8(x))
+                made = start + len(indices)
+                rate = made / (time.perf_counter() - began)
+                bar.update(done_before + made, f"{rate:.1f} samples/s")
+    finally:
+        if writer is not None:
+            writer.close()
     barrier()  # every rank's PNGs exist before rank 0 reads them back
     seconds = time.perf_counter() - began
-    summary = {"job": "sample", "model": str(run_dir), "role": "student"
-               if isinstance(model, Student) else "teacher", "num_samples": cfg.num_samples,
-               "made_now": len(mine), "nfe": nfe_used, "seconds": round(seconds, 3),
-               "samples_per_s": round(len(mine) / seconds, 2) if mine else None,
-               "solver": None if isinstance(model, Student) else cfg.solver}
+    nfe_all = torch.cat(nfe_seen).double() if nfe_seen else None
+    role = "student" if isinstance(model, Student) else "teacher"
+    summary: dict[str, Any] = {
+        "job": "sample", "model": str(run_dir), "role": role,
+        "checkpoint": source["checkpoint"], "num_samples": cfg.num_samples,
+        "made_now": len(mine),
+        # Network evaluations per sample: exact for students and fixed-step solvers; for RK45
+        # the mean (and max) over the samples made now (each sample has its own step sizes).
+        "nfe": _fixed_nfe(model, cfg) if not (role == "teacher" and cfg.solver == "rk45") else (
+            round(float(nfe_all.mean()), 2) if nfe_all is not None else None),
+        "nfe_max": int(nfe_all.max()) if nfe_all is not None else None,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(len(mine) / seconds, 2) if mine else None,
+        "solver": None if role == "student" else cfg.solver,
+        "out": str(out)}
     if runtime.is_main:
         if is_points:
             cloud = torch.cat(points) if points else torch.empty(0, *shape)
-            _save_npz(out / "samples.npz", points=cloud.numpy())
+            save_npz(out / "samples.npz", points=cloud.numpy())
             save_image(out / "samples.png", panels_row([scatter_panel(cloud, _title(summary))]))
+            summary["npz"] = str(out / "samples.npz")
         else:
-            first = read_pngs(out, min(64, cfg.num_samples))
-            if cfg.grid:
-                save_image(out / "grid.png", image_grid(first))
-            if cfg.format in ("npz", "both"):
-                _save_npz(out / "samples.npz", images=read_pngs(out, cfg.num_samples))
+            summary.update(_finish_images(out, images_dir, cfg, num_classes))
         write_summary(out, summary)
     return summary
 
 
+def _fixed_nfe(model: Teacher | Student, cfg: SampleSpec) -> int:
+    if isinstance(model, Student):
+        return cfg.nfe
+    return {"euler": 1, "heun": 2}[cfg.solver] * cfg.steps
+
+
+def _finish_images(out: Path, images_dir: Path, cfg: SampleSpec,
+                   num_classes: int) -> dict[str, Any]:
+    """grid.png and (--format npz|both) samples.npz from the PNGs; npz alone drops the PNGs."""
+    made: dict[str, Any] = {"images": str(images_dir)}
+    if cfg.grid:
+        save_image(out / "grid.png", image_grid(read_pngs(images_dir, min(GRID_COUNT,
+                                                                           cfg.num_samples))))
+        made["grid"] = str(out / "grid.png")
+    if cfg.format in ("npz", "both"):
+        arrays = {"images": read_pngs(images_dir, cfg.num_samples)}
+        if num_classes:
+            indices = list(range(cfg.num_samples))
+            arrays["labels"] = class_labels(indices, cfg, num_classes, torch.device("cpu")).numpy()
+        save_npz(out / "samples.npz", **arrays)
+        made["npz"] = str(out / "samples.npz")
+    if cfg.format == "npz":
+        shutil.rmtree(images_dir)
+        made["images"] = None
+    return made
+
+
+def _unpack_npz(out: Path, images_dir: Path, count: int) -> None:
+    """Restore the PNGs of an earlier --format npz run, so that only new indices are made."""
+    path = out / "samples.npz"
+    if not path.is_file() or existing_indices(images_dir):
+        return
+    with np.load(path) as archive:
+        if "images" not in archive:
+            return
+        images = archive["images"][:count]
+    with PNGWriter(images_dir) as writer:
+        writer.write(list(range(len(images))), images)
+
+
 def _title(summary: dict[str, Any]) -> str:
     return f"{summary['role']} NFE {summary['nfe']}"
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())

@@ -37,6 +37,7 @@ def train_teacher(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     prepare_run_dir(run_dir, spec, job="teacher", sections=SECTIONS, runtime=runtime)
     cfg = spec.teacher
     config = spec.net_config()
+    torch.manual_seed(derive_seed(spec.seed, 5))  # initial weights: same for any process count
     net = runtime.place(build_net(config))
     ema = make_ema(net)
     params = list(net.parameters())

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from traflow_cli.engine.records import atomic_write_bytes
+from traflow_cli.engine.records import atomic_write_bytes, fsync_dir
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -23,52 +25,114 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 
 def sample_path(folder: Path, index: int) -> Path:
+    """Where sample `index` lives: folder/000042.png (six digits, more past 999,999)."""
     return folder / f"{index:06d}.png"
 
 
-def _write_png(path: Path, pixels: np.ndarray) -> None:
+def encode_png(pixels: np.ndarray, compress_level: int = 1) -> bytes:
+    """One [H, W, C] uint8 image (C = 1 or 3) as lossless PNG bytes."""
     image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    buffer = io.BytesIO()
+    # Level 1: still lossless; higher levels cost 2x the CPU for ~1% smaller CIFAR files
+    # (benchmarks/test_bench_writing.py).
+    image.save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def write_png(path: Path, pixels: np.ndarray, compress_level: int = 1) -> None:
+    """Write one PNG under a temporary name, then rename: a file that exists is complete, so a
+    resumed run may trust it (a crash leaves at most a hidden .tmp file)."""
+    payload = encode_png(pixels, compress_level)
     tmp = path.with_name(f".{path.name}.tmp")
-    # Level 1: PNG stays lossless; higher levels cost several times more CPU for ~10% smaller files.
-    image.save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)  # a file that exists is complete, so a resumed run may trust it
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, payload)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 class PNGWriter:
-    """Writes PNGs on a few threads (zlib releases the GIL) while the network runs."""
+    """Writes sample PNGs on a few threads (zlib and file I/O release the GIL) while the
+    network makes the next batch; at most `max_pending` images wait in memory."""
 
-    def __init__(self, folder: Path, threads: int = 2) -> None:
+    def __init__(self, folder: Path, *, threads: int = 2, compress_level: int = 1,
+                 max_pending: int = 8192) -> None:
         self.folder = folder
+        self.compress_level = compress_level
+        self.max_pending = max_pending
         folder.mkdir(parents=True, exist_ok=True)
-        self._pool = ThreadPoolExecutor(max_workers=threads)
-        self._pending: list = []
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png")
+        self._pending: deque[Future] = deque()
 
-    def write(self, indices: list[int], pixels: np.ndarray) -> None:
-        for index, image in zip(indices, pixels, strict=False):
-            self._pending.append(self._pool.submit(_write_png, sample_path(self.folder, index),
-                                                   image))
-        if len(self._pending) > 4096:
-            self.flush()
+    def write(self, indices: Sequence[int], pixels: np.ndarray) -> None:
+        """Queue sample indices[b] = pixels[b] ([B, H, W, C] uint8); raises a failed earlier write."""
+        for index, image in zip(indices, pixels, strict=True):
+            self._pending.append(self._pool.submit(
+                write_png, sample_path(self.folder, index), image, self.compress_level))
+        while len(self._pending) > self.max_pending:
+            self._pending.popleft().result()
 
     def flush(self) -> None:
-        for future in self._pending:
-            future.result()
-        self._pending.clear()
+        """Wait until every queued PNG is on disk."""
+        while self._pending:
+            self._pending.popleft().result()
 
     def close(self) -> None:
-        self.flush()
-        self._pool.shutdown()
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> PNGWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def existing_indices(folder: Path) -> set[int]:
+    """Indices of the finished sample PNGs in folder (one directory listing, not N stats)."""
+    if not folder.is_dir():
+        return set()
+    found = set()
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            stem, dot, ext = entry.name.partition(".")
+            if dot and ext == "png" and stem.isdigit():
+                found.add(int(stem))
+    return found
 
 
 def missing_indices(folder: Path, count: int) -> list[int]:
     """Sample indices in [0, count) without a finished PNG (what a resumed run must make)."""
-    return [i for i in range(count) if not sample_path(folder, i).is_file()]
+    done = existing_indices(folder)
+    return [i for i in range(count) if i not in done]
 
 
 def read_pngs(folder: Path, count: int) -> np.ndarray:
-    """[count, H, W, C] uint8 from the first `count` sample PNGs."""
-    return np.stack([np.asarray(Image.open(sample_path(folder, i)).convert("RGB"))
-                     for i in range(count)])
+    """[count, H, W, C] uint8 from the first `count` sample PNGs (C = 1 or 3, as written)."""
+    out = []
+    for i in range(count):
+        with Image.open(sample_path(folder, i)) as image:
+            pixels = np.asarray(image)
+        out.append(pixels[..., None] if pixels.ndim == 2 else pixels)
+    return np.stack(out)
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write an uncompressed .npz under a temporary name, fsync, then rename (no second copy
+    of the arrays in memory, unlike saving to bytes first)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def image_grid(pixels: np.ndarray, columns: int = 8) -> Image.Image:

@@ -19,7 +19,7 @@ class FourierTime(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         # Scale as the image networks do (999 * t), so low frequencies still resolve [0, 1].
-        angles = 999.0 * t.float()[:, None] * self.freqs[None]
+        angles = 999.0 * t[:, None].to(self.freqs.dtype) * self.freqs[None]
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 

@@ -1,0 +1,154 @@
+"""The TraFlow objective: jump identities, time draws, and loss terms that vanish when they should."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from traflow_cli.flow import time_grid, trajectory_on_grid
+from traflow_cli.nets import build_net, student_from_teacher
+from traflow_cli.traflow import (
+    TraFlowConfig,
+    draw_times,
+    jump,
+    jump_derivative,
+    sample_grid_indices,
+    traflow_loss,
+)
+
+MLP = {"kind": "mlp", "dim": 2, "hidden": 32, "depth": 2, "time_dim": 16}
+
+
+class ConstantVelocity(nn.Module):
+    """u(x, t, s) = b: the straight flow x_t = noise + t b, for which TraFlow's targets are exact."""
+
+    def __init__(self, b: torch.Tensor) -> None:
+        super().__init__()
+        self.b = nn.Parameter(b.clone())
+        self.output_layer = self  # the adaptive weighting reads output_layer.weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.b
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        return self.b.expand_as(x)
+
+
+def _pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    teacher = build_net(MLP).requires_grad_(False)
+    return teacher, student_from_teacher(teacher, MLP)
+
+
+def test_jump_to_its_own_time_is_the_identity() -> None:
+    _, student = _pair()
+    x, t = torch.randn(6, 2), torch.rand(6)
+    assert torch.equal(jump(student, x, t, t), x)
+
+
+def test_a_fresh_student_jumps_exactly_as_the_teachers_euler_step() -> None:
+    teacher, student = _pair()
+    x, t = torch.randn(6, 2), torch.rand(6) * 0.5
+    s = t + 0.5 * torch.rand(6)
+    euler = x + (s - t)[:, None] * teacher(x, t)
+    assert torch.equal(jump(student, x, t, s), euler)
+
+
+def test_jvp_derivative_matches_a_central_difference() -> None:
+    _, student = _pair()
+    student = student.double()
+    with torch.no_grad():  # give the s branch some effect so du/ds is not zero
+        for p in student.s_embed.parameters():
+            p.normal_(0, 0.3)
+    x, t = torch.randn(5, 2, dtype=torch.float64), torch.rand(5, dtype=torch.float64) * 0.5
+    s = t + 0.3
+    exact = jump_derivative(student, x, t, s, method="jvp")
+    # The time features reach 999 rad per unit time, so the difference step must be tiny.
+    approx = jump_derivative(student, x, t, s, method="fd", fd_step=1e-7)
+    assert torch.allclose(exact, approx, rtol=1e-5, atol=1e-5)
+
+
+def test_jvp_derivative_is_differentiable_in_the_weights() -> None:
+    _, student = _pair()
+    x, t, s = torch.randn(5, 2), torch.zeros(5), torch.full((5,), 0.5)
+    jump_derivative(student, x, t, s).square().sum().backward()
+    assert student.s_embed[-1].weight.grad is not None
+    assert float(student.output_layer.weight.grad.abs().sum()) > 0
+
+
+def test_grid_draw_respects_ctm_constraints_and_weights_k_by_size() -> None:
+    n, batch = 18, 200_000
+    i, k, j = sample_grid_indices(n, batch, torch.Generator().manual_seed(0))
+    assert int(k.min()) >= 1 and int(k.max()) <= n
+    assert int(i.min()) >= 0 and bool((i + k <= j).all()) and int(j.max()) <= n
+    freq = torch.bincount(k, minlength=n + 1)[1:].double() / batch
+    expected = torch.arange(1, n + 1, dtype=torch.float64) / (n * (n + 1) / 2)
+    assert torch.allclose(freq, expected, atol=3e-3)
+
+
+def _straight_case(b_student: torch.Tensor, config: TraFlowConfig):
+    b_teacher = torch.tensor([1.5, -0.5])
+    teacher = lambda x, t: b_teacher.expand_as(x)  # noqa: E731
+    student = ConstantVelocity(b_student)
+    target = copy.deepcopy(student).requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(64, 2, generator=gen)
+    data = noise + b_teacher
+    return traflow_loss(student, target, teacher, noise, config=config,
+                        times=draw_times(config, 64, gen), data=data,
+                        last_layer=student.output_layer.weight)
+
+
+def test_every_term_vanishes_when_the_student_is_the_straight_teacher() -> None:
+    config = TraFlowConfig(grid_steps=6, w_fm=1.0)
+    loss = _straight_case(torch.tensor([1.5, -0.5]), config)
+    assert set(loss.terms) == {"out", "sc", "vel", "fm", "lambda_vel"}
+    for name in ("out", "sc", "vel", "fm"):
+        assert float(loss.terms[name]) < 1e-10, name
+
+
+def test_every_term_sees_a_student_that_is_off_the_teacher() -> None:
+    loss = _straight_case(torch.tensor([1.0, 0.0]), TraFlowConfig(grid_steps=6, w_fm=1.0))
+    for name in ("out", "sc", "vel", "fm"):
+        assert float(loss.terms[name]) > 1e-3, name
+    lam = float(loss.terms["lambda_vel"])
+    assert 0.01 <= lam <= 10.0
+    loss.total.backward()
+
+
+@pytest.mark.parametrize("off", ["w_out", "w_vel", "w_sc"])
+def test_a_term_with_weight_zero_is_neither_computed_nor_logged(off: str) -> None:
+    config = TraFlowConfig(grid_steps=6, **{off: 0.0})
+    loss = _straight_case(torch.tensor([1.0, 0.0]), config)
+    assert off.removeprefix("w_") not in loss.terms
+
+
+def test_cached_teacher_trajectory_gives_the_same_loss_as_solving_it() -> None:
+    teacher, student = _pair()
+    target = copy.deepcopy(student).requires_grad_(False)
+    config = TraFlowConfig(grid_steps=5)
+    noise = torch.randn(16, 2)
+    times = draw_times(config, 16, torch.Generator().manual_seed(3))
+    cached = trajectory_on_grid(teacher, noise, torch.zeros(16, dtype=torch.long), time_grid(5))
+    a = traflow_loss(student, target, teacher, noise, config=config, times=times)
+    b = traflow_loss(student, target, teacher, noise, config=config, times=times,
+                     trajectory=cached)
+    for name in ("out", "sc", "vel"):
+        assert torch.allclose(a.terms[name], b.terms[name]), name
+
+
+def test_data_start_and_fixed_lambda_run_and_stay_finite() -> None:
+    teacher, student = _pair()
+    target = copy.deepcopy(student).requires_grad_(False)
+    config = TraFlowConfig(grid_steps=5, start="data", w_fm=0.5, lambda_vel=2.0,
+                           distance="pseudo_huber", derivative="fd")
+    gen = torch.Generator().manual_seed(1)
+    loss = traflow_loss(student, target, teacher, torch.randn(16, 2), config=config,
+                        times=draw_times(config, 16, gen), data=torch.randn(16, 2))
+    assert float(loss.terms["lambda_vel"]) == 2.0
+    assert torch.isfinite(loss.total)
+    loss.total.backward()
