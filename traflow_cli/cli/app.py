@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 
 from traflow_cli.cli import bench, distill, evaluate, sample, teacher
+
+# torch's forward-mode AD loads decompositions through torch.jit.script, which warns on every
+# run; it is torch's own internal use, nothing a traflow user can act on.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 app = typer.Typer(
     name="traflow",

@@ -38,7 +38,47 @@ def bench_command(
 
     with o.user_errors():
         result = bench(spec, teacher_dir=teacher, student_dir=student, runtime=runtime_for(spec))
-    o.emit(result, as_json, lambda r: render.table(
-        f"{r['device']}: matmul peak {r['matmul_peak_tflops']:.3g} TFLOP/s ({r['precision']})",
-        r["rows"], ["model", "task", "solver", "nfe", "batch", "images_per_s", "latency_ms",
-                    "gflop_per_image", "tflops", "peak_fraction"]))
+    o.emit(result, as_json, _render)
+
+
+# JSON field -> table heading; short, so that the table fits an 80-column terminal.
+COLUMNS = {"model": "model", "task": "task", "solver": "solver", "nfe": "NFE",
+           "images_per_s": "img/s", "latency_ms": "ms/batch", "gflop_per_image": "GFLOP/img",
+           "tflops": "TFLOP/s", "peak_fraction": "of peak"}
+
+
+SHORT_NAMES = {"rectified flow": "RF"}
+
+
+def _render(result: dict) -> None:
+    from rich import box
+    from rich.table import Table
+
+    runtime = result.get("runtime", {})
+    options = [name for name in ("compile", "channels_last", "cuda_graphs", "tf32")
+               if runtime.get(name)]
+    batch = result["rows"][0]["batch"] if result["rows"] else "-"
+    table = Table(title=f"{result['device']}, batch {batch}, {result['precision']}"
+                  f"{''.join(', ' + o for o in options)}; matmul peak "
+                  f"{result['matmul_peak_tflops']:.3g} TFLOP/s", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True, show_edge=False)
+    for key, heading in COLUMNS.items():
+        table.add_column(heading, justify="left" if key in ("model", "task", "solver") else "right",
+                         no_wrap=True)
+    for row in result["rows"]:
+        table.add_row(*(_short(key, row.get(key)) for key in COLUMNS))
+    render.console.print(table)
+
+
+def _short(name: str, value: object) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, float):
+        return SHORT_NAMES.get(str(value), str(value))
+    if name == "peak_fraction":
+        return f"{100 * value:.0f}%"
+    if name == "nfe":
+        return f"{value:g}"
+    if value >= 1000:
+        return f"{value:.0f}"
+    return f"{value:.3g}" if value >= 0.01 else f"{value:.1e}"

@@ -32,10 +32,10 @@ def distill_command(
     spec = o.resolve(preset, sets, device=device, seed=seed,
                      values={"distill.teacher": str(teacher) if teacher else None,
                              "distill.duration_steps": steps})
+    if dry:  # prints the resolved spec; the teacher folder is needed only to run
+        o.dry_run(spec)
     with o.user_errors():
         check_teacher_run(spec.distill.teacher)
-    if dry:
-        o.dry_run(spec)
     from traflow_cli.jobs.distill import distill
 
     run_dir = out or Path("runs") / spec.preset / "student"

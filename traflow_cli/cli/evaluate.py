@@ -130,7 +130,7 @@ def fid_command(
     as_json: o.Json = False,
     dry: o.DryRun = False,
 ) -> None:
-    """FID with clean-fid's protocol (default: legacy_tensorflow, training split, 50,000 samples)."""
+    """FID with clean-fid's protocol (default: legacy_tensorflow, training split; measure 50,000 samples)."""
     own = samples if (samples / "spec.json").is_file() else samples.parent
     base = preset or (str(own) if (own / "spec.json").is_file() else "toy2d")
     spec = o.resolve(base, sets, device=device, seed=None, values={

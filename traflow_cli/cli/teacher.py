@@ -59,6 +59,10 @@ def import_command(
         o.err(f"error: source: unknown checkpoint family {source!r}; supported: rectified-flow")
         raise typer.Exit(o.EXIT_USAGE)
     spec = o.resolve(preset, sets, device=None, seed=None, values={"data.resolution": image_size})
+    if spec.data.is_toy:
+        o.err(f"error: --preset: {spec.preset!r} is a toy (2-D) preset; an imported image teacher "
+              "needs an image preset, e.g. --preset cifar10")
+        raise typer.Exit(o.EXIT_USAGE)
     from traflow_cli.jobs.teacher import import_teacher
 
     run_dir = out or Path("runs") / f"imported-{path.stem}"

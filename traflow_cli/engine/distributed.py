@@ -12,6 +12,8 @@ Conventions every job keeps, so that N processes compute what one process would:
 from __future__ import annotations
 
 import atexit
+import gc
+import inspect
 import math
 import os
 import sys
@@ -20,6 +22,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+# Newer torch renames DDP's broadcast_buffers (and warns on the old name).
+_NO_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in
+                   inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                   else "broadcast_buffers")
+
+_control: dist.ProcessGroup | None = None  # gloo group for host-side flags under NCCL
 
 # A collective waits this long for a slow rank (e.g. rank 0 writing a large checkpoint).
 TIMEOUT = timedelta(minutes=30)
@@ -51,6 +60,7 @@ def init_process_group(device_type: str) -> tuple[int, int, int]:
     On CUDA the caller sets the device first, so each rank's NCCL communicator uses its own GPU.
     Ranks other than 0 print nothing on stdout: what a script reads there is rank 0's result.
     """
+    global _control
     if not launched_by_torchrun():
         return 0, 1, 0
     if not dist.is_initialized():
@@ -60,6 +70,9 @@ def init_process_group(device_type: str) -> tuple[int, int, int]:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
                                 timeout=TIMEOUT, **kwargs)
         atexit.register(shutdown)
+        # Host-side flags (stop requests) travel over gloo: reading an NCCL result back would
+        # make the CPU wait for the GPU every step.
+        _control = dist.new_group(backend="gloo") if device_type == "cuda" else None
         if dist.get_rank() != 0:
             sys.stdout = open(os.devnull, "w")  # kept open for the process's life
     return dist.get_rank(), dist.get_world_size(), local_rank()
@@ -75,8 +88,8 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     if not is_distributed():
         return module
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
-                                               gradient_as_bucket_view=True)
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True,
+                                               **{_NO_BUFFER_SYNC: False})
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -86,6 +99,15 @@ def unwrap(module: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return module
         module = inner
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any (a host-side all-reduce; no device sync)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control)
+    return bool(value.item())
 
 
 def all_mean(x: Tensor) -> Tensor:
@@ -135,5 +157,15 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    if is_distributed():
-        dist.destroy_process_group()
+    """Leave the group while the interpreter is whole: gloo's worker threads must not outlive it.
+
+    Collected first, so that DDP's reducer (and the work objects it holds) dies before its
+    process group; then every rank waits for the others, then each destroys its group.
+    """
+    if not is_distributed():
+        return
+    global _control
+    gc.collect()
+    barrier()
+    dist.destroy_process_group()
+    _control = None

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from traflow_cli.engine.checkpoint import latest_checkpoint, save_checkpoint
-from traflow_cli.engine.distributed import barrier, mean_over_ranks, unwrap
+from traflow_cli.engine.distributed import any_rank, barrier, mean_over_ranks, unwrap
 from traflow_cli.engine.progress import ProgressBar
 from traflow_cli.engine.records import append_metrics
 from traflow_cli.engine.runtime import Runtime
@@ -96,11 +95,7 @@ def _save(task: TrainTask, step: int, runtime: Runtime) -> Path | None:
 
 def _any_rank_stopping(stop: bool, runtime: Runtime) -> bool:
     # Every rank must leave at the same step, or the others would wait forever in a collective.
-    if runtime.world_size == 1:
-        return stop
-    flag = torch.tensor([float(stop)], device=runtime.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return any_rank(stop)
 
 
 def train(task: TrainTask, runtime: Runtime) -> dict[str, Any]:

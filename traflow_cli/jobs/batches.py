@@ -11,7 +11,7 @@ from traflow_cli.data.toy import sample_toy
 from traflow_cli.engine.runtime import Runtime
 from traflow_cli.jobs.common import rank_rows
 from traflow_cli.seeding import generator_for
-from traflow_cli.specs import DataSpec
+from traflow_cli.specs import DataSpec, SpecError
 
 # (step) -> (data [b, ...] on the device, labels [b] or None) for this rank's share.
 BatchSource = Callable[[int], tuple[Tensor, Tensor | None]]
@@ -31,8 +31,11 @@ def make_batch_source(data: DataSpec, *, seed: int, global_batch: int,
     from traflow_cli.data.images import hflip_batch, open_image_dataset, to_model_range
     from traflow_cli.data.stream import batch_indices, load_batch
 
-    dataset = open_image_dataset(data.name, path=data.path, resolution=data.resolution,
-                                 download=data.download, use_labels=data.use_labels)
+    try:
+        dataset = open_image_dataset(data.name, path=data.path, resolution=data.resolution,
+                                     download=data.download, use_labels=data.use_labels)
+    except ValueError as err:  # settings the dataset cannot meet (resolution, labels): one line
+        raise SpecError(f"data: {err}") from None
     if data.preload and hasattr(dataset, "preload"):
         dataset.preload()
 

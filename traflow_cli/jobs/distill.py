@@ -28,7 +28,7 @@ from traflow_cli.jobs.common import (
 from traflow_cli.nets import student_from_teacher
 from traflow_cli.sampling import teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
-from traflow_cli.specs import DistillSpec, RunSpec, check_teacher_run
+from traflow_cli.specs import DistillSpec, RunSpec, SpecError, check_teacher_run
 from traflow_cli.traflow import TraFlowConfig, draw_times, traflow_loss
 
 SECTIONS = ("seed", "data", "net", "distill")
@@ -55,8 +55,10 @@ def with_teacher_net(spec: RunSpec) -> RunSpec:
 
 def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, seed: int,
                          tf: TraFlowConfig, device: torch.device, cache_file: Path,
-                         batch: int = 4096) -> tuple[Tensor, Tensor]:
-    """A bank of `count` noises and their teacher trajectories [N + 1, count, ...], kept on disk.
+                         batch: int = 4096, num_classes: int = 0
+                         ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A bank of `count` noises, their teacher trajectories [N + 1, count, ...] and, for a
+    class-conditional teacher, the class [count] each was solved for; kept on disk.
 
     Paying the teacher's solve once and reusing it every step is what makes data-free
     distillation cheap (METHOD.md, "Cost per step").
@@ -65,20 +67,28 @@ def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, se
 
     if cache_file.is_file():
         saved = load_file(cache_file)
-        return saved["noise"].to(device), saved["trajectory"].to(device)
+        labels = saved["labels"].to(device) if "labels" in saved else None
+        return saved["noise"].to(device), saved["trajectory"].to(device), labels
     noise = torch.randn((count, *shape), generator=generator_for(seed, 3)).to(device)
+    labels = (torch.randint(num_classes, (count,), generator=generator_for(seed, 3, 1)).to(device)
+              if num_classes else None)
     grid = time_grid(tf.grid_steps, device=device)
     # Under DDP each rank solves its share of the rows, then every rank gets all of them.
-    parts = [trajectory_on_grid(teacher, chunk, torch.zeros(len(chunk), dtype=torch.long,
-                                                            device=device), grid,
-                                method=tf.teacher_solver)
-             for chunk in noise[shard(count)].split(batch)]
+    mine = shard(count)
+    parts = [trajectory_on_grid(teacher_velocity(teacher, None if labels is None else
+                                                 labels[mine][start:start + batch]),
+                                chunk, torch.zeros(len(chunk), dtype=torch.long, device=device),
+                                grid, method=tf.teacher_solver)
+             for start, chunk in zip(range(0, count, batch), noise[mine].split(batch),
+                                     strict=False)]
     empty = noise.new_empty((tf.grid_steps + 1, 0, *shape))
     trajectory = gather_shards(torch.cat(parts or [empty], dim=1), count, dim=1)
     if rank() == 0:
-        atomic_write_bytes(cache_file, save({"noise": noise.cpu().contiguous(),
-                                             "trajectory": trajectory.cpu().contiguous()}))
-    return noise, trajectory
+        arrays = {"noise": noise.cpu().contiguous(), "trajectory": trajectory.cpu().contiguous()}
+        if labels is not None:
+            arrays["labels"] = labels.cpu().contiguous()
+        atomic_write_bytes(cache_file, save(arrays))
+    return noise, trajectory, labels
 
 
 def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
@@ -103,24 +113,38 @@ def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     needs_data = cfg.start == "data" or cfg.w_fm > 0
     batches = (make_batch_source(spec.data, seed=spec.seed, global_batch=cfg.batch_size,
                                  runtime=runtime) if needs_data else None)
+    # A class-conditional teacher needs a class for every solve: the data's labels when the
+    # loss reads data, else classes drawn uniformly (data-free), stored with any cached solve.
+    num_classes = config.get("num_classes", 0)
+    data_labels = needs_data and spec.data.use_labels and num_classes > 0
+    if data_labels and cfg.trajectory_cache:
+        raise SpecError("distill.trajectory_cache: cached solves carry their own classes, which "
+                        "the data's labels would contradict; set distill.trajectory_cache=0 or "
+                        "data.use_labels=false")
     bank = None
     if cfg.trajectory_cache:
         bank = teacher_trajectories(teacher, shape, count=cfg.trajectory_cache, seed=spec.seed,
-                                    tf=tf, device=runtime.device,
+                                    tf=tf, device=runtime.device, num_classes=num_classes,
                                     cache_file=run_dir / "teacher_trajectories.safetensors")
 
     def step_fn(step: int) -> dict[str, Tensor]:
         torch.manual_seed(derive_seed(spec.seed, runtime.rank, step))  # dropout
         gen = generator_for(spec.seed, 0, step, device=runtime.device)
         times = draw_times(tf, cfg.batch_size, gen).rows(rows)
-        trajectory = None
+        trajectory = labels = None
         if bank is not None:
             pick = torch.randint(len(bank[0]), (cfg.batch_size,), generator=gen,
                                  device=gen.device)[rows].to(runtime.device)
             noise, trajectory = bank[0][pick], bank[1][:, pick]
+            labels = None if bank[2] is None else bank[2][pick]
         else:
             noise = runtime.place_batch(global_normal(shape, cfg.batch_size, rows, gen))
-        data, labels = batches(step) if batches is not None else (None, None)
+            if num_classes and not data_labels:
+                labels = torch.randint(num_classes, (cfg.batch_size,), generator=gen,
+                                       device=gen.device)[rows].to(runtime.device)
+        data, batch_labels = batches(step) if batches is not None else (None, None)
+        if data_labels:
+            labels = batch_labels
         with runtime.autocast():
             loss = traflow_loss(model, target, teacher_velocity(teacher, labels), noise,
                                 config=tf, times=times, data=data, labels=labels,

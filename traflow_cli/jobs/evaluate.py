@@ -159,6 +159,9 @@ def evaluate_fid(spec: RunSpec, *, samples: Path, out: Path | None, batch_size: 
                         "--ref cifar10 (clean-fid statistics), a folder or .zip of images, or a "
                         "statistics .npz (mu, sigma)")
     device = spec.runtime.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SpecError("runtime.device: 'cuda' asked for but no CUDA device is visible; use "
+                        "--device cpu or --device auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     measured, warnings = fid_samples_path(samples)

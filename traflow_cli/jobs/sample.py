@@ -38,6 +38,7 @@ from traflow_cli.jobs.writers import (
     missing_indices,
     panels_row,
     read_pngs,
+    remove_partial,
     save_image,
     save_npz,
     scatter_panel,
@@ -153,6 +154,7 @@ def sample_run(spec: RunSpec, run_dir: Path, out: Path, runtime: Runtime) -> dic
                           fingerprint=spec.fingerprint(("seed", "sample")))
         atomic_write_json(out / "source.json", source)
         if not is_points:
+            remove_partial(images_dir)
             _unpack_npz(out, images_dir, cfg.num_samples)
     barrier()  # source.json and any unpacked PNGs exist before the ranks look for gaps
     todo = list(range(cfg.num_samples)) if is_points else missing_indices(images_dir,

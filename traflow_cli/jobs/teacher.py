@@ -26,13 +26,14 @@ from traflow_cli.jobs.common import (
 from traflow_cli.nets import build_net
 from traflow_cli.sampling import teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
-from traflow_cli.specs import RunSpec
+from traflow_cli.specs import RunSpec, SpecError
 
 SECTIONS = ("seed", "data", "net", "teacher")
 
 
 def train_teacher(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     """Train v(x, t) by rectified flow on the spec's data; resumes from run_dir if started."""
+    _check_labels(spec)
     runtime = runtime_for(spec)
     prepare_run_dir(run_dir, spec, job="teacher", sections=SECTIONS, runtime=runtime)
     cfg = spec.teacher
@@ -73,18 +74,40 @@ def train_teacher(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def _check_labels(spec: RunSpec) -> None:
+    """A class-conditional net trains on labelled data and an unconditional one on unlabelled."""
+    classes = spec.net_config().get("num_classes", 0)
+    if spec.data.use_labels and not classes:
+        raise SpecError("data.use_labels: true needs a class-conditional net; set net.num_classes "
+                        "to the number of classes, or data.use_labels=false")
+    if classes and not spec.data.use_labels:
+        raise SpecError(f"net.num_classes: a class-conditional net ({classes} classes) trains on "
+                        "labelled data; set data.use_labels=true, or net.num_classes=0")
+
+
 def import_teacher(spec: RunSpec, path: Path, run_dir: Path, *, image_size: int = 32,
                    use_ema: bool = True) -> dict[str, Any]:
-    """Write a teacher run folder from an official Rectified Flow checkpoint, checked in full."""
-    from traflow_cli.engine.checkpoint import save_checkpoint
-    from traflow_cli.engine.records import write_spec_record
-    from traflow_cli.interop import read_rectified_flow_checkpoint
+    """Write a teacher run folder from an official Rectified Flow checkpoint, checked in full.
 
+    Re-importing into a folder written by an earlier import replaces it; a folder holding any
+    other run (a trained teacher, a student, samples) is refused rather than overwritten.
+    """
+    from traflow_cli.engine.checkpoint import latest_checkpoint, save_checkpoint
+    from traflow_cli.engine.records import read_spec_record, write_spec_record
+    from traflow_cli.interop import read_rectified_flow_checkpoint
+    from traflow_cli.specs import build_spec
+
+    saved = read_spec_record(run_dir)
+    if saved is not None:
+        previous = latest_checkpoint(run_dir / "checkpoints")
+        if saved["job"] != "teacher" or previous is None or "source" not in previous.metadata:
+            raise SpecError(f"--out: {run_dir} already holds a {saved['job']!r} run; importing "
+                            "would overwrite it; choose another --out")
     config, state = read_rectified_flow_checkpoint(path, image_size=image_size, use_ema=use_ema)
     net_config = {"kind": "ncsnpp", **config}
     merged = spec.model_dump(mode="json")
     merged["net"] = net_config
-    spec = RunSpec.model_validate(merged)
+    spec = build_spec(merged)  # one line per field, e.g. a toy preset's data with an image net
     net = build_net(net_config)
     net.load_state_dict(state)  # strict: every name and shape was checked by the reader too
     write_spec_record(run_dir, job="teacher", spec=spec.model_dump(mode="json"),

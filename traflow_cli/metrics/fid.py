@@ -452,6 +452,16 @@ def _looks_like_path(ref: str) -> bool:
     )
 
 
+def _check_reference_path(ref: str) -> None:
+    """Raise FIDError when ``ref`` names a file or folder (not a dataset) that does not exist."""
+    path = Path(ref).expanduser()
+    if not path.exists() and _looks_like_path(ref):
+        raise FIDError(
+            f"reference not found: {path} (expected a folder or .zip of images, or a .npz "
+            "with mu and sigma)"
+        )
+
+
 def _cleanfid_stats(
     name: str, *, mode: str, split: str, resolution: int, cache_dir: Path, allow_download: bool
 ) -> tuple[np.ndarray, np.ndarray, RefInfo]:
@@ -534,11 +544,7 @@ def reference_stats(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = Path(ref).expanduser()
     if not path.exists():
-        if _looks_like_path(ref):
-            raise FIDError(
-                f"reference not found: {path} (expected a folder or .zip of images, or a .npz "
-                "with mu and sigma)"
-            )
+        _check_reference_path(ref)
         return _cleanfid_stats(
             ref,
             mode=mode,
@@ -673,8 +679,9 @@ def compute_fid(
     h, w = images.size
     if h != w:
         raise FIDError(f"samples in {images.path} are {w}x{h}; FID here expects square images")
-    # Cheap failures first: the network and the reference are resolved before any sample is
-    # pushed through Inception.
+    # Cheap failures first: a missing reference path before the network is loaded, and the
+    # network and the reference before any sample is pushed through Inception.
+    _check_reference_path(ref)
     device = torch.device(device)
     model, net_info = load_inception(device, allow_download=allow_download, mode=mode)
     ref_mu, ref_sigma, ref_info = reference_stats(
