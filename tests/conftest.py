@@ -10,6 +10,17 @@ from typer.testing import CliRunner
 from traflow_cli.cli.app import app
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_FIXTURES = SHARED / "fixtures"
+LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# (checkpoint, io file, image size): networks of the official Rectified Flow code with their
+# outputs (see fixtures/README.md); both conformance suites read them.
+OFFICIAL_FIXTURES = {
+    "shared-nf16": (SHARED_FIXTURES / "rf_ncsnpp_small.pth",
+                    SHARED_FIXTURES / "rf_ncsnpp_small_io.pt", 32),
+    "official-nf12": (LOCAL_FIXTURES / "rf_ncsnpp_nf12.pth",
+                      LOCAL_FIXTURES / "rf_ncsnpp_nf12_io.pt", 16),
+}
 
 # Small enough to train in seconds on 2 cores, large enough to learn the ring's eight modes.
 TINY_TOY = ["--set", "net.hidden=64", "--set", "teacher.batch_size=256",

@@ -10,20 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke
+from conftest import OFFICIAL_FIXTURES, invoke
 
 from traflow_cli import load_student, load_teacher
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
-# (checkpoint, io file, image size): outputs of the official network (see fixtures/README.md).
-OFFICIAL = {
-    "shared-nf16": (SHARED_FIXTURES / "rf_ncsnpp_small.pth",
-                    SHARED_FIXTURES / "rf_ncsnpp_small_io.pt", 32),
-    "official-nf12": (LOCAL_FIXTURES / "rf_ncsnpp_nf12.pth",
-                      LOCAL_FIXTURES / "rf_ncsnpp_nf12_io.pt", 16),
-}
+OFFICIAL = OFFICIAL_FIXTURES
 # Tiny distillation of a cifar10-preset student: the preset's recipe, a few small steps.
 TINY_DISTILL = ["--set", "distill.grid_steps=4", "--set", "distill.batch_size=4",
                 "--set", "distill.trajectory_cache=0", "--set", "distill.log_every_steps=1",

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import OFFICIAL_FIXTURES, SHARED_FIXTURES
 
 from traflow_cli.interop import (
     CheckpointFormatError,
@@ -17,17 +18,7 @@ from traflow_cli.interop import (
 )
 from traflow_cli.nets.ncsnpp import NCSNpp
 
-# Shared data lives beside the repository checkout: <root>/main/tests -> <root>/shared.
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
-# (checkpoint, io file, image_size): outputs of the official network (see fixtures/README.md).
-CONFORMANCE = {
-    "shared-nf16": (SHARED_FIXTURES / "rf_ncsnpp_small.pth",
-                    SHARED_FIXTURES / "rf_ncsnpp_small_io.pt", 32),
-    "official-nf12": (LOCAL_FIXTURES / "rf_ncsnpp_nf12.pth",
-                      LOCAL_FIXTURES / "rf_ncsnpp_nf12_io.pt", 16),
-}
+CONFORMANCE = OFFICIAL_FIXTURES
 SMALL_CKPT = CONFORMANCE["official-nf12"][0]
 
 
