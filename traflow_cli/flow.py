@@ -127,6 +127,23 @@ _DP_A = (
 _DP_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
 
 
+def _dopri_trial(velocity: Velocity, x: Tensor, k1: Tensor, t: Tensor, h: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """One trial Dormand-Prince step of size h [B] from time t [B] (float64), given k1 = v(x, t).
+
+    Returns (x at t + h [B, ...], local error estimate [B, ...], v at t + h: the next k1).
+    The solvers differ only in how they norm the error and control the step.
+    """
+    hx = per_sample(h, x)
+    ks = [k1]
+    for i in range(1, 7):
+        xi = x + hx * sum(a * k for a, k in zip(_DP_A[i], ks, strict=False) if a != 0.0)
+        ks.append(velocity(xi, (t + _DP_C[i] * h).float()))
+    x_new = x + hx * sum(b * k for b, k in zip(_DP_A[6], ks, strict=False) if b != 0.0)
+    err = hx * sum(e * k for e, k in zip(_DP_E, ks, strict=False) if e != 0.0)
+    return x_new, err, ks[6]
+
+
 @torch.no_grad()
 def solve_rk45(velocity: Velocity, x: Tensor, *, t0: float = 0.0, t1: float = 1.0,
                rtol: float = 1e-5, atol: float = 1e-5, max_evals: int = 10_000) -> tuple[Tensor, int]:
@@ -136,26 +153,22 @@ def solve_rk45(velocity: Velocity, x: Tensor, *, t0: float = 0.0, t1: float = 1.
     by the official Rectified Flow sampler), so results do not depend on per-sample control.
     """
     batch = x.shape[0]
-    ones = torch.ones(batch, device=x.device, dtype=torch.float32)
     t = t0
     h = 0.01 * (t1 - t0)
-    k1 = velocity(x, t * ones)
+    k1 = velocity(x, torch.full((batch,), t, device=x.device))
     nfe = 1
     while t < t1 - 1e-12:
         h = min(h, t1 - t)
-        ks = [k1]
-        for i in range(1, 7):
-            xi = x + h * sum(a * k for a, k in zip(_DP_A[i], ks, strict=False) if a != 0.0)
-            ks.append(velocity(xi, (t + _DP_C[i] * h) * ones))
+        x_new, err, k_last = _dopri_trial(
+            velocity, x, k1, torch.full((batch,), t, dtype=torch.float64, device=x.device),
+            torch.full((batch,), h, dtype=torch.float64, device=x.device))
         nfe += 6
-        x_new = x + h * sum(b * k for b, k in zip(_DP_A[6], ks, strict=False) if b != 0.0)
-        err = h * sum(e * k for e, k in zip(_DP_E, ks, strict=False) if e != 0.0)
         scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
         err_norm = float(torch.sqrt(torch.mean((err / scale) ** 2)))
         if err_norm <= 1.0:
             t += h
             x = x_new
-            k1 = ks[6]  # first-same-as-last: the last stage is the next step's first
+            k1 = k_last  # first-same-as-last: the last stage is the next step's first
         factor = 0.9 * err_norm ** (-1 / 5) if err_norm > 0 else 10.0
         h *= min(10.0, max(0.2, factor))
         if nfe > max_evals:
@@ -187,19 +200,14 @@ def solve_rk45_per_sample(velocity: RowVelocity, x: Tensor, *, t0: float = 0.0, 
     while rows.numel():
         xa, ta, k1a = x[rows], t[rows], k1[rows]
         ha = torch.minimum(h[rows], t1 - ta)  # [A]
-        hx = per_sample(ha, xa)
-        ks = [k1a]
-        for i in range(1, 7):
-            xi = xa + hx * sum(a * k for a, k in zip(_DP_A[i], ks, strict=False) if a != 0.0)
-            ks.append(velocity(xi, (ta + _DP_C[i] * ha).float(), rows))
+        x_new, err, k_last = _dopri_trial(lambda x_, t_, r=rows: velocity(x_, t_, r),
+                                          xa, k1a, ta, ha)
         nfe[rows] += 6
-        x_new = xa + hx * sum(b * k for b, k in zip(_DP_A[6], ks, strict=False) if b != 0.0)
-        err = hx * sum(e * k for e, k in zip(_DP_E, ks, strict=False) if e != 0.0)
         scale = atol + rtol * torch.maximum(xa.abs(), x_new.abs())
         err_norm = ((err / scale) ** 2).flatten(1).mean(1).sqrt().double()  # [A]
         ok = err_norm <= 1.0
         x[rows[ok]] = x_new[ok]
-        k1[rows[ok]] = ks[6][ok]  # first-same-as-last: the last stage is the next step's first
+        k1[rows[ok]] = k_last[ok]  # first-same-as-last: the last stage is the next step's first
         t[rows[ok]] = ta[ok] + ha[ok]
         factor = torch.where(err_norm > 0, 0.9 * err_norm.clamp(min=1e-300) ** (-1 / 5), 10.0)
         h[rows] = ha * factor.clamp(0.2, 10.0)
