@@ -402,12 +402,15 @@ class EDMImageDataset(ImageDataset):
 # ---- torchvision-backed datasets ----------------------------------------------------------------
 
 
-def _cifar10_torchvision(root: Path, train: bool, download: bool, use_labels: bool) -> ImageDataset:
+def _cifar10_torchvision(root: Path, train: bool, download: bool, use_labels: bool,
+                         resolution: int = 32) -> ImageDataset:
     """CIFAR-10 through torchvision (root holds cifar-10-batches-py), kept in memory."""
     from torchvision.datasets import CIFAR10
 
     base = CIFAR10(str(root), train=train, download=download)
     images = torch.from_numpy(np.ascontiguousarray(base.data)).permute(0, 3, 1, 2).contiguous()
+    if resolution != 32:  # the same Lanczos filter as a downscaled zip, image by image
+        images = torch.stack([_downscale_lanczos(image, resolution) for image in images])
     labels = torch.tensor(base.targets, dtype=torch.int64) if use_labels else None
     return TensorImageDataset(images, labels, num_classes=10, name="cifar10")
 
@@ -484,17 +487,20 @@ def open_image_dataset(
         return ShapesDataset(size=size, resolution=resolution, use_labels=use_labels, offset=offset)
 
     if name == "cifar10":
-        _require_resolution(name, resolution, 32)
+        if resolution > 32 or 32 % resolution:
+            raise ValueError(f"cifar10: images are 32x32 but data.resolution={resolution}; set "
+                             "data.resolution=32, or a divisor of it (16, 8) to downscale them")
         root = root if root is not None else default_data_root() / "cifar10"
         if root.name == "cifar-10-batches-py" and root.is_dir():
             root = root.parent  # the user pointed at the extracted folder itself
         train = split == "train"  # CIFAR-10 has no validation split: anything else is test
         on_disk = (root / "cifar-10-batches-py").is_dir()
         if not on_disk and _is_edm_source(root):
-            return EDMImageDataset(root, resolution=32, name=name, use_labels=use_labels)
+            return EDMImageDataset(root, resolution=resolution, name=name, use_labels=use_labels,
+                                   fit="exact" if resolution == 32 else "downscale")
         if on_disk or download:
             try:
-                return _cifar10_torchvision(root, train, download, use_labels)
+                return _cifar10_torchvision(root, train, download, use_labels, resolution)
             except (OSError, RuntimeError) as err:  # offline, or files torchvision finds corrupt
                 msg = str(err).splitlines()[0] if str(err) else type(err).__name__
                 action = "download to" if download and not on_disk else "reading"
