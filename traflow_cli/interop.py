@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from traflow_cli.errors import UserError
 from traflow_cli.nets.ncsnpp import NCSNpp
 
 __all__ = [
@@ -42,7 +43,7 @@ _MODULE_KEY = re.compile(r"^all_modules\.(\d+)\.(.+)$")
 _DEFAULT_DROPOUT = 0.1
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """A checkpoint is not what the importer expects; the message is one line."""
 
 

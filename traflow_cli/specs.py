@@ -23,13 +23,15 @@ from pydantic import (
     model_validator,
 )
 
+from traflow_cli.errors import UserError
+
 TOY_DATASETS = ("checkerboard", "ring8")
 IMAGE_DATASETS = ("cifar10", "celeba64", "ffhq64", "imagenet64", "shapes32", "folder")
 Unit = Annotated[float, Field(ge=0.0, lt=1.0)]
 OnOff = Literal["auto", "on", "off"]
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A spec that cannot run; the message is one line naming the field and the fix."""
 
 

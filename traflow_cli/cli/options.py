@@ -11,8 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
+from traflow_cli.errors import UserError
 from traflow_cli.presets import resolve_spec
-from traflow_cli.specs import RunSpec, SpecError
+from traflow_cli.specs import RunSpec
 
 Preset = Annotated[str, typer.Option(
     "--preset", "-p", help="Preset name (toy2d, shapes32, cifar10, celeba64, ffhq64, "
@@ -61,31 +62,13 @@ def emit(result: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]
         render(result)
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    # Imported lazily so that --help never pays for torch.
-    from traflow_cli.data.images import DatasetNotFoundError
-    from traflow_cli.engine.checkpoint import CheckpointError
-    from traflow_cli.engine.runtime import RuntimeSetupError
-    from traflow_cli.interop import CheckpointFormatError
-
-    found: list[type[BaseException]] = [DatasetNotFoundError, CheckpointError, RuntimeSetupError,
-                                        CheckpointFormatError]
-    try:
-        from traflow_cli.metrics.fid import FIDError
-
-        found.append(FIDError)
-    except ImportError:
-        pass
-    return tuple(found)
-
-
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Bad input ends with `error: ...` lines on stderr and exit code 2, never a traceback."""
     try:
         yield
-    except SpecError as exc:
-        for line in str(exc).splitlines():
+    except UserError as exc:
+        for line in str(exc).splitlines() or [type(exc).__name__]:
             err(f"error: {line}")
         raise typer.Exit(EXIT_USAGE) from None
     except Exception as exc:
@@ -97,7 +80,4 @@ def user_errors() -> Iterator[None]:
             err(f"interrupted at step {exc.step}; checkpoint saved to {exc.checkpoint}. "
                 "Re-run the same command to resume.")
             raise typer.Exit(EXIT_INTERRUPTED) from None
-        if isinstance(exc, _user_error_types()):
-            err(f"error: {exc}")
-            raise typer.Exit(EXIT_USAGE) from None
         raise

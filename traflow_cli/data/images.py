@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from traflow_cli.errors import UserError
+
 IMAGE_DATASETS = ("cifar10", "celeba64", "ffhq64", "imagenet64", "folder", "shapes32")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
@@ -28,7 +30,7 @@ CELEBA_ALIGNED_SIZE = (178, 218)  # (width, height)
 CELEBA_CROP = 140
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset that is not where we looked; its message is one line: where, and how to get it."""
 
     def __init__(self, message: str) -> None:

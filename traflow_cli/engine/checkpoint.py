@@ -20,11 +20,12 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from traflow_cli.engine.records import atomic_write_bytes
+from traflow_cli.errors import UserError
 
 FORMAT = "traflow-checkpoint/1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A run folder without a usable checkpoint (one line: where and what is missing)."""
 
 

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from traflow_cli.engine.distributed import init_process_group, local_rank
+from traflow_cli.errors import UserError
 
 
-class RuntimeSetupError(RuntimeError):
+class RuntimeSetupError(UserError, RuntimeError):
     """A runtime request the machine cannot meet (one line: what and how to fix)."""
 
 

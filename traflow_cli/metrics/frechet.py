@@ -15,8 +15,10 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
+from traflow_cli.errors import UserError
 
-class FIDError(ValueError):
+
+class FIDError(UserError, ValueError):
     """A user-facing FID failure, carrying a single-line message meant to be shown as is.
 
     Defined in this lowest-level metrics module so that every other metrics module can raise it
