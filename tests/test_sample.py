@@ -266,7 +266,7 @@ def test_folder_layout_grid_and_progress(teacher: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "10/10" in result.stderr  # rich progress goes to stderr
     assert {p.name for p in out.iterdir()} == {"images", "grid.png", "spec.json", "source.json",
-                                               "summary.json"}
+                                               "summary.json", ".lock"}  # .lock: see runfolder.py
     grid = np.asarray(Image.open(out / "grid.png"))
     assert grid.shape == (2 * 16, 8 * 16, 3)
     first = pixels(out, 10)

@@ -19,3 +19,10 @@ class UserError(Exception):
 def one_line(text: object) -> str:
     """Collapse whitespace, so a message quoting a foreign error (OSError, zlib) stays one line."""
     return " ".join(str(text).split())
+
+
+class Interrupted(Exception):
+    """A job stopped by Ctrl-C after saving what it had; the message says how to resume.
+
+    The CLI prints it on one line and exits with code 130 (128 + SIGINT).
+    """

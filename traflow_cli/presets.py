@@ -5,13 +5,22 @@ No torch here (see specs.py).
 
 from __future__ import annotations
 
-import json
+import copy
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from traflow_cli.specs import RunSpec, SpecError, build_spec
+from traflow_cli.errors import one_line
+from traflow_cli.runfolder import read_record, require_run
+from traflow_cli.specs import (
+    TOY_DATASETS,
+    DataSpec,
+    RunSpec,
+    SpecError,
+    build_spec,
+    check_teacher_run,
+)
 
 DEFAULT_PRESET = "toy2d"
 
@@ -42,16 +51,26 @@ def preset_path(name: str) -> Path:
 
 def load_preset(name: str) -> dict[str, Any]:
     """A named preset, a TOML file, or the resolved spec of an existing run folder."""
-    record = Path(name) / "spec.json"
-    if record.is_file():
-        return json.loads(record.read_text())["spec"]
+    record = read_record(Path(name)) if Path(name).is_dir() else None
+    if record is not None:
+        return copy.deepcopy(record["spec"])
     path = preset_path(name)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise SpecError(f"--preset: {path} is not a text file (TOML must be UTF-8)") from None
     except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"--preset: {path} is not valid TOML: {exc}") from None
+        raise SpecError(f"--preset: {path} is not valid TOML: {one_line(exc)}") from None
+    except OSError as exc:
+        raise SpecError(f"--preset: cannot read {path} ({one_line(exc.strerror or exc)})") from None
     raw.setdefault("preset", name if not name.endswith(".toml") else path.stem)
     return raw
+
+
+def load_run_spec(run_dir: str | Path, flag: str, *, jobs: tuple[str, ...] | None = None
+                  ) -> dict[str, Any]:
+    """The resolved spec of an existing run folder (passed as `flag`), or a one-line error."""
+    return copy.deepcopy(require_run(Path(run_dir), flag, jobs=jobs)["spec"])
 
 
 def parse_value(text: str) -> Any:
@@ -86,13 +105,80 @@ def assign(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[key] = value
 
 
-def resolve_spec(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None,
-                 values: dict[str, Any] | None = None) -> RunSpec:
-    """Preset, then typed flag values, then `--set` overrides in order; validated once."""
-    raw = load_preset(preset)
+def merge_sources(raw: dict[str, Any], overrides: list[str] | None = None,
+                  values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Typed flag values, then `--set` overrides in order, applied to a preset's dict in place."""
     for dotted, value in (values or {}).items():
         if value is not None:
             assign(raw, dotted, value)
     for assignment in overrides or []:
         apply_override(raw, assignment)
+    return raw
+
+
+def resolve_spec(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None,
+                 values: dict[str, Any] | None = None) -> RunSpec:
+    """Preset, then typed flag values, then `--set` overrides in order; validated once."""
+    return build_spec(merge_sources(load_preset(preset), overrides, values))
+
+
+def resolve_with_teacher(preset: str | None, overrides: list[str] | None = None,
+                         values: dict[str, Any] | None = None, *,
+                         teacher: str | None = None, flag: str = "distill.teacher") -> RunSpec:
+    """A spec whose network is its teacher's, resolved before validation (and any dry run).
+
+    The student copies its teacher's network, so the teacher run's recorded `net` replaces the
+    preset's. Without --preset the teacher run's own spec is the base. A `--set net.*` that
+    contradicts the teacher is refused: it would otherwise be shown and then silently dropped.
+    """
+    record = check_teacher_run(teacher, flag) if teacher is not None else None
+    raw = load_preset(preset) if preset or record is None else copy.deepcopy(record["spec"])
+    raw = merge_sources(raw, overrides, values)
+    if record is None:
+        return build_spec(raw)
+    net = record["spec"].get("net")
+    if not isinstance(net, dict):
+        raise SpecError(f"--teacher: {teacher}/spec.json records no network; re-import or retrain "
+                        "the teacher")
+    for dotted, value in _net_requests(overrides, values):
+        key = dotted.removeprefix("net.")
+        if key not in net:
+            raise SpecError(f"{dotted}: not a field of the teacher's network (kind "
+                            f"{net.get('kind')!r} in {teacher}); the student takes its teacher's "
+                            "network: drop this --set")
+        if _same(net[key], value):
+            continue
+        raise SpecError(f"{dotted}: {value!r} differs from the teacher's network ({key} = "
+                        f"{net[key]!r} in {teacher}); the student takes its teacher's network: "
+                        "drop this --set")
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    toy_data = data.get("name", DataSpec().name) in TOY_DATASETS
+    if toy_data != (net.get("kind") == "mlp"):
+        kinds = ("toy 2-D", "an image") if toy_data else ("image", "a toy 2-D")
+        raise SpecError(f"--preset: {raw.get('preset', preset)!r} is for {kinds[0]} data but the "
+                        f"teacher in {teacher} is {kinds[1]} network ({net.get('kind')}); pass "
+                        f"the preset it was made with (--preset "
+                        f"{record['spec'].get('preset', '?')}), or leave --preset out")
+    raw["net"] = copy.deepcopy(net)
     return build_spec(raw)
+
+
+def _net_requests(overrides: list[str] | None,
+                  values: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """The (`net.key`, value) pairs a command line asks for, parsed as --set parses them."""
+    asked = [(k, v) for k, v in (values or {}).items() if k.startswith("net.") and v is not None]
+    for assignment in overrides or []:
+        key, sep, value = assignment.partition("=")
+        if sep and key.strip().startswith("net."):
+            asked.append((key.strip(), parse_value(value.strip())))
+        elif sep and key.strip() == "net":
+            raise SpecError(f"--set {assignment!r}: the student takes its teacher's network; "
+                            "drop this --set")
+    return asked
+
+
+def _same(recorded: Any, asked: Any) -> bool:
+    """A recorded JSON value equals a requested one (tuples and lists alike, 1 and 1.0 alike)."""
+    if isinstance(recorded, list | tuple) and isinstance(asked, list | tuple):
+        return len(recorded) == len(asked) and all(map(_same, recorded, asked))
+    return recorded == asked and isinstance(recorded, bool) == isinstance(asked, bool)

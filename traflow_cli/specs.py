@@ -11,23 +11,22 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from traflow_cli.errors import UserError
+from traflow_cli.runfolder import require_run
 
 TOY_DATASETS = ("checkerboard", "ring8")
 IMAGE_DATASETS = ("cifar10", "celeba64", "ffhq64", "imagenet64", "shapes32", "folder")
-Unit = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+# Strict numbers: `batch_size = true` is not 1 and `hflip = 1` is not true. Floats accept
+# integers (lr = 1) but never booleans; non-finite values are refused by Section's config.
+PositiveInt = Annotated[int, Field(strict=True, gt=0)]
+NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
+PositiveFloat = Annotated[float, Field(strict=True, gt=0)]
+NonNegativeFloat = Annotated[float, Field(strict=True, ge=0)]
+Unit = Annotated[float, Field(strict=True, ge=0.0, lt=1.0)]
+Flag = Annotated[bool, Field(strict=True)]
 OnOff = Literal["auto", "on", "off"]
 
 
@@ -36,7 +35,8 @@ class SpecError(UserError, ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr = inf` or `times = [0, nan, 1]` fail here, not as NaN losses later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RuntimeSpec(Section):
@@ -47,7 +47,7 @@ class RuntimeSpec(Section):
     compile: OnOff = "auto"
     channels_last: OnOff = "auto"
     cuda_graphs: OnOff = "auto"
-    tf32: bool = True
+    tf32: Flag = True
 
 
 class DataSpec(Section):
@@ -58,10 +58,10 @@ class DataSpec(Section):
     path: str | None = None
     resolution: PositiveInt = 32
     channels: PositiveInt = 3
-    hflip: bool = False
-    use_labels: bool = False
-    download: bool = False
-    preload: bool = True
+    hflip: Flag = False
+    use_labels: Flag = False
+    download: Flag = False
+    preload: Flag = True
 
     @property
     def is_toy(self) -> bool:
@@ -107,6 +107,10 @@ class TrainingSpec(Section):
     checkpoint_every_steps: PositiveInt = 500
     keep_checkpoints: PositiveInt = 2
     ema_decay: Unit = 0.999
+    # A non-finite loss or gradient: "stop" the run with one line, keeping the last good
+    # checkpoint (checked at log ticks and before every save: no per-step device sync), or
+    # "skip" the update (a host sync per step), stopping after 20 bad steps in a row.
+    nonfinite: Literal["stop", "skip"] = "stop"
 
 
 class TeacherSpec(TrainingSpec):
@@ -146,14 +150,12 @@ class DistillSpec(TrainingSpec):
         return self
 
 
-def check_teacher_run(path: str | None) -> None:
+def check_teacher_run(path: str | None, flag: str = "distill.teacher") -> dict[str, Any]:
     """The distill job's precondition, checked before any work (not at validation: a finished
-    student's spec stays loadable after its teacher folder has moved)."""
+    student's spec stays loadable after its teacher folder has moved). Returns its record."""
     if path is None:
-        raise SpecError("distill.teacher: required; pass --teacher RUN_DIR (a teacher run folder)")
-    if not (Path(path) / "spec.json").is_file():
-        raise SpecError(f"distill.teacher: no teacher run at {path!r} (expected the folder "
-                        "written by 'traflow teacher train' or 'traflow teacher import')")
+        raise SpecError(f"{flag}: required; pass --teacher RUN_DIR (a teacher run folder)")
+    return require_run(Path(path), flag, jobs=("teacher",))
 
 
 class SampleSpec(Section):
@@ -162,15 +164,15 @@ class SampleSpec(Section):
     nfe: PositiveInt = 1
     num_samples: PositiveInt = 10_000
     batch_size: PositiveInt = 500
-    times: list[float] | None = None
-    gamma: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    times: list[Annotated[float, Field(strict=True)]] | None = None
+    gamma: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] = 0.0
     solver: Literal["euler", "heun", "rk45"] = "euler"
     steps: PositiveInt = 100
     rtol: PositiveFloat = 1e-5
     atol: PositiveFloat = 1e-5
     format: Literal["png", "npz", "both"] = "png"
     class_label: NonNegativeInt | None = None
-    grid: bool = True
+    grid: Flag = True
 
     @model_validator(mode="after")
     def _times_match_nfe(self) -> SampleSpec:
@@ -203,10 +205,10 @@ class BenchSpec(Section):
     batch_size: PositiveInt = 256
     student_nfe: list[PositiveInt] = [1, 2, 4]
     teacher_steps: list[PositiveInt] = [1, 10, 100]
-    rk45: bool = True
+    rk45: Flag = True
     repeats: PositiveInt = 5
     warmup: NonNegativeInt = 1
-    train: bool = True
+    train: Flag = True
 
 
 class RunSpec(Section):
@@ -226,9 +228,14 @@ class RunSpec(Section):
     @model_validator(mode="after")
     def _net_fits_data(self) -> RunSpec:
         if self.data.is_toy != (self.net.kind == "mlp"):
-            want = "mlp" if self.data.is_toy else "ncsnpp"
+            want = "mlp" if self.data.is_toy else "an image network (e.g. ncsnpp)"
             raise ValueError(f"net.kind={self.net.kind!r} does not fit data.name="
-                             f"{self.data.name!r}; use net.kind={want!r}")
+                             f"{self.data.name!r}; use net.kind={want!r}, or a preset made for "
+                             "this network")
+        size = getattr(self.net, "image_size", None)
+        if size is not None and size != self.data.resolution:
+            raise ValueError(f"net.image_size={size} does not match data.resolution="
+                             f"{self.data.resolution}; set both to the same size")
         return self
 
     def net_config(self) -> dict[str, Any]:
@@ -243,7 +250,7 @@ class RunSpec(Section):
 
 # Fields a resumed run may change: how long it runs and how often it reports or saves.
 RESUME_SAFE = {"duration_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-               "device"}
+               "device", "nonfinite"}
 
 
 def _without_resume_safe(section: Any) -> Any:
@@ -254,7 +261,12 @@ def _without_resume_safe(section: Any) -> Any:
 
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any],
                      sections: tuple[str, ...]) -> list[str]:
-    """Dotted names of fields that differ between two spec dumps, ignoring resume-safe ones."""
+    """Dotted names of fields that differ between two spec dumps, ignoring resume-safe ones.
+
+    A field the saved spec lacks (a run started by an older traflow) agrees with a current value
+    that is that field's default: the older version behaved as the default does.
+    """
+    defaults = RunSpec().model_dump(mode="json")
     out = []
     for name in sections:
         old, new = saved.get(name, {}), current.get(name, {})
@@ -262,10 +274,15 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any],
             if old != new:
                 out.append(name)
             continue
+        default = defaults.get(name, {}) if old.get("kind", new.get("kind")) == new.get("kind") else {}
         for key in sorted(set(old) | set(new)):
-            if key not in RESUME_SAFE and old.get(key) != new.get(key):
+            before = old[key] if key in old else default.get(key, _MISSING)
+            if key not in RESUME_SAFE and before != new.get(key, _MISSING):
                 out.append(f"{name}.{key}")
     return out
+
+
+_MISSING = object()
 
 
 def describe_validation_error(exc: ValidationError) -> str:

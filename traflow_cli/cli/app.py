@@ -6,7 +6,7 @@ import warnings
 
 import typer
 
-from traflow_cli.cli import bench, distill, evaluate, sample, teacher
+from traflow_cli.cli import bench, distill, evaluate, options, sample, teacher
 
 # torch's forward-mode AD loads decompositions through torch.jit.script, which warns on every
 # run; it is torch's own internal use, nothing a traflow user can act on.
@@ -20,6 +20,11 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+@app.callback()
+def _setup() -> None:
+    options.show_warnings()
+
+
 app.add_typer(teacher.app, name="teacher")
 app.command("distill")(distill.distill_command)
 app.command("sample")(sample.sample_command)

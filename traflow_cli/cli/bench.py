@@ -18,7 +18,9 @@ def bench_command(
     student: Annotated[Path | None, typer.Option(
         "--student", help="Student run folder. (default: built from the teacher)",
         show_default=False)] = None,
-    preset: o.Preset = "toy2d",
+    preset: Annotated[str | None, typer.Option(
+        "--preset", "-p", help="Preset name or .toml file. (default: the teacher's or student's "
+        "run spec, else toy2d)", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", help="Batch size. (default: the spec's bench.batch_size)",
         show_default=False)] = None,
@@ -29,7 +31,9 @@ def bench_command(
     dry: o.DryRun = False,
 ) -> None:
     """Images/s, latency and TFLOP/s: student vs teacher sampling, and training steps."""
-    spec = o.resolve(preset, sets, device=device, seed=seed,
+    run = (student, "--student", ("distill",)) if student is not None else None
+    spec = o.resolve(preset, sets, device=device, seed=seed, teacher=teacher, run=run,
+                     teacher_flag="--teacher",
                      values={"bench.batch_size": batch_size})
     if dry:
         o.dry_run(spec)

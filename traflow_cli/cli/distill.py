@@ -9,7 +9,6 @@ import typer
 
 from traflow_cli.cli import options as o
 from traflow_cli.cli import render
-from traflow_cli.specs import check_teacher_run
 
 
 def distill_command(
@@ -17,7 +16,9 @@ def distill_command(
         "--teacher", "-t", help="Teacher run folder (from 'traflow teacher train' or "
         "'traflow teacher import'). (default: the spec's distill.teacher)",
         show_default=False)] = None,
-    preset: o.Preset = "toy2d",
+    preset: Annotated[str | None, typer.Option(
+        "--preset", "-p", help="Preset name or .toml file. (default: the teacher run's own spec)",
+        show_default=False)] = None,
     sets: o.Sets = None,
     out: o.Out = None,
     device: o.Device = None,
@@ -29,13 +30,18 @@ def distill_command(
     dry: o.DryRun = False,
 ) -> None:
     """Distill a teacher into a 1-4 step student with TraFlow (resumes an existing --out)."""
-    spec = o.resolve(preset, sets, device=device, seed=seed,
-                     values={"distill.teacher": str(teacher) if teacher else None,
-                             "distill.duration_steps": steps})
-    if dry:  # prints the resolved spec; the teacher folder is needed only to run
+    values = {"distill.teacher": str(teacher) if teacher else None, "distill.duration_steps": steps}
+    if teacher is None:  # the teacher may come from the preset or --set distill.teacher=...
+        named = o.resolve(preset, sets, device=device, seed=seed, values=values).distill.teacher
+        teacher = Path(named) if named else None
+    if teacher is None:
+        o.err("error: distill.teacher: required; pass --teacher RUN_DIR (a teacher run folder)")
+        raise typer.Exit(o.EXIT_USAGE)
+    # The teacher's network is part of the spec before it is validated or shown: what --dry-run
+    # prints is what runs.
+    spec = o.resolve(preset, sets, device=device, seed=seed, values=values, teacher=teacher)
+    if dry:
         o.dry_run(spec)
-    with o.user_errors():
-        check_teacher_run(spec.distill.teacher)
     from traflow_cli.jobs.distill import distill
 
     run_dir = out or Path("runs") / spec.preset / "student"

@@ -9,6 +9,7 @@ import typer
 
 from traflow_cli.cli import options as o
 from traflow_cli.cli import render
+from traflow_cli.runfolder import require_run
 
 app = typer.Typer(help="Measure samples: toy distances, teacher agreement, FID.",
                   no_args_is_help=True)
@@ -19,11 +20,15 @@ StudentRun = Annotated[Path | None, typer.Option(
     "--student", help="Student run folder.", show_default=False)]
 
 
-def _base(preset: str | None, *runs: Path | None) -> str:
-    """The spec to start from: --preset, else the first run folder given, else toy2d."""
-    if preset:
-        return preset
-    return next((str(r) for r in runs if r is not None), "toy2d")
+def _base_run(student: Path | None, teacher: Path | None
+              ) -> tuple[Path, str, tuple[str, ...]] | None:
+    """The run folder whose spec is the base when --preset is not given: the student's, else
+    the teacher's (each must exist when given)."""
+    if student is not None:
+        return student, "--student", ("distill",)
+    if teacher is not None:
+        return teacher, "--teacher", ("teacher",)
+    return None
 
 
 @app.command("toy")
@@ -46,8 +51,11 @@ def toy_command(
     dry: o.DryRun = False,
 ) -> None:
     """Sliced Wasserstein distance and MMD to fresh true samples, with a picture (eval.png)."""
-    spec = o.resolve(_base(preset, student, teacher), sets, device=device, seed=seed,
+    spec = o.resolve(preset, sets, device=device, seed=seed, run=_base_run(student, teacher),
                      values={"eval.num_samples": num_samples})
+    if student is not None and teacher is not None:
+        with o.user_errors():
+            require_run(teacher, "--teacher", jobs=("teacher",))
     if dry:
         o.dry_run(spec)
     if not spec.data.is_toy:
@@ -86,8 +94,10 @@ def agreement_command(
     as_json: o.Json = False,
 ) -> None:
     """MSE/PSNR of the student (NFE 1, 2, 4) against the teacher's RK45 solve, same noise."""
-    spec = o.resolve(str(student), sets, device=device, seed=seed,
+    spec = o.resolve(None, sets, device=device, seed=seed, run=(student, "STUDENT", ("distill",)),
                      values={"eval.num_samples": num_samples})
+    with o.user_errors():
+        require_run(teacher, "--teacher", jobs=("teacher",))
     from traflow_cli.jobs.common import runtime_for
     from traflow_cli.jobs.evaluate import evaluate_agreement
 
@@ -131,9 +141,13 @@ def fid_command(
     dry: o.DryRun = False,
 ) -> None:
     """FID with clean-fid's protocol (default: legacy_tensorflow, training split; measure 50,000 samples)."""
+    if not samples.exists():
+        o.err(f"error: SAMPLES: no samples at '{samples}' (expected a folder written by "
+              "'traflow sample', or a folder, .zip or .npz of images)")
+        raise typer.Exit(o.EXIT_USAGE)
     own = samples if (samples / "spec.json").is_file() else samples.parent
-    base = preset or (str(own) if (own / "spec.json").is_file() else "toy2d")
-    spec = o.resolve(base, sets, device=device, seed=None, values={
+    run = (own, "SAMPLES", None) if (own / "spec.json").is_file() else None
+    spec = o.resolve(preset, sets, device=device, seed=None, run=run, values={
         "eval.fid_reference": ref, "eval.fid_mode": mode, "eval.fid_split": split})
     if dry:
         o.dry_run(spec)

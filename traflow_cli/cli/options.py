@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,9 +11,16 @@ from typing import Annotated, Any
 
 import typer
 
-from traflow_cli.errors import UserError
-from traflow_cli.presets import resolve_spec
-from traflow_cli.specs import RunSpec
+from traflow_cli.errors import Interrupted, UserError
+from traflow_cli.presets import (
+    DEFAULT_PRESET,
+    load_preset,
+    load_run_spec,
+    merge_sources,
+    resolve_spec,
+    resolve_with_teacher,
+)
+from traflow_cli.specs import RunSpec, build_spec
 
 Preset = Annotated[str, typer.Option(
     "--preset", "-p", help="Preset name (toy2d, shapes32, cifar10, celeba64, ffhq64, "
@@ -41,12 +48,50 @@ def err(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def resolve(preset: str, sets: list[str] | None, *, device: str | None, seed: int | None,
-            values: dict[str, Any] | None = None) -> RunSpec:
-    """The run spec from the preset, the typed flags and --set, or a one-line error exit."""
+class _WarningLines(logging.Handler):
+    """The engine's and jobs' warnings (logger "traflow") as `warning: ...` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err(f"warning: {record.getMessage()}")
+
+
+def show_warnings() -> None:
+    """Route warnings to stderr once per process (idempotent: the app callback calls it)."""
+    log = logging.getLogger("traflow")
+    if not any(isinstance(h, _WarningLines) for h in log.handlers):
+        log.addHandler(_WarningLines(level=logging.WARNING))
+        log.propagate = False
+
+
+def resolve(preset: str | None, sets: list[str] | None, *, device: str | None, seed: int | None,
+            values: dict[str, Any] | None = None, teacher: Path | None = None,
+            teacher_flag: str = "distill.teacher",
+            run: tuple[Path, str, tuple[str, ...] | None] | None = None) -> RunSpec:
+    """The run spec from its sources, or a one-line error exit.
+
+    Sources, later ones winning: the base (--preset; else the `run` folder's own spec, given as
+    (folder, how the user passed it, the jobs it may hold), which must exist; else toy2d), the
+    typed flags, then --set. With `teacher` the network is the teacher run's (see
+    presets.resolve_with_teacher).
+    """
     merged = {"runtime.device": device, "seed": seed, **(values or {})}
     with user_errors():
-        return resolve_spec(preset, sets, merged)
+        if teacher is not None:
+            return resolve_with_teacher(preset, sets, merged, teacher=str(teacher),
+                                        flag=teacher_flag)
+        if run is not None:
+            folder, flag, jobs = run
+            base = load_run_spec(folder, flag, jobs=jobs)  # the folder must exist either way
+            raw = load_preset(preset) if preset else base
+            return build_spec(merge_sources(raw, sets, merged))
+        return resolve_spec(preset or DEFAULT_PRESET, sets, merged)
+
+
+def raw_spec(preset: str, sets: list[str] | None, *, values: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """The merged but not yet validated spec dict, for a job that completes it (an import)."""
+    with user_errors():
+        return merge_sources(load_preset(preset), sets, values)
 
 
 def dry_run(spec: RunSpec) -> None:
@@ -71,13 +116,9 @@ def user_errors() -> Iterator[None]:
         for line in str(exc).splitlines() or [type(exc).__name__]:
             err(f"error: {line}")
         raise typer.Exit(EXIT_USAGE) from None
-    except Exception as exc:
-        if "torch" not in sys.modules:
-            raise
-        from traflow_cli.engine.loop import TrainingInterrupted
-
-        if isinstance(exc, TrainingInterrupted):
-            err(f"interrupted at step {exc.step}; checkpoint saved to {exc.checkpoint}. "
-                "Re-run the same command to resume.")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        raise
+    except Interrupted as exc:
+        err(str(exc))
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        err("interrupted; re-run the same command to continue")
+        raise typer.Exit(EXIT_INTERRUPTED) from None

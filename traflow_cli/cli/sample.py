@@ -11,6 +11,8 @@ from traflow_cli.cli import options as o
 from traflow_cli.cli import render
 from traflow_cli.specs import RunSpec
 
+RUN_JOBS = ("teacher", "distill")  # what a model to sample from is written by
+
 
 def _times(text: str | None) -> list[float] | None:
     if text is None:
@@ -59,7 +61,7 @@ def sample_command(
     dry: o.DryRun = False,
 ) -> None:
     """Write samples of a teacher (ODE solve) or a student (few jumps); resumes a partial --out."""
-    spec = o.resolve(preset or str(run), sets, device=device, seed=seed, values={
+    spec = o.resolve(preset, sets, device=device, seed=seed, run=(run, "RUN", RUN_JOBS), values={
         "sample.nfe": nfe, "sample.num_samples": num_samples, "sample.times": _times(times),
         "sample.solver": solver, "sample.steps": steps, "sample.batch_size": batch_size,
         "sample.class_label": label, "sample.format": fmt})

@@ -9,6 +9,7 @@ import typer
 
 from traflow_cli.cli import options as o
 from traflow_cli.cli import render
+from traflow_cli.specs import TOY_DATASETS
 
 app = typer.Typer(help="Train a rectified-flow teacher, or import an existing one.",
                   no_args_is_help=True)
@@ -58,15 +59,23 @@ def import_command(
     if source != "rectified-flow":
         o.err(f"error: source: unknown checkpoint family {source!r}; supported: rectified-flow")
         raise typer.Exit(o.EXIT_USAGE)
-    spec = o.resolve(preset, sets, device=None, seed=None, values={"data.resolution": image_size})
-    if spec.data.is_toy:
-        o.err(f"error: --preset: {spec.preset!r} is a toy (2-D) preset; an imported image teacher "
-              "needs an image preset, e.g. --preset cifar10")
+    # Validated by the job once the file has said what the network is: the preset's own `net`
+    # section is replaced by it, so it must not be checked against the data first.
+    for assignment in sets or []:
+        if assignment.partition("=")[0].strip().split(".")[0] == "net":
+            o.err(f"error: --set {assignment.partition('=')[0].strip()}: an imported teacher's "
+                  "network is read from its file; drop this --set (use --image-size for its "
+                  "resolution)")
+            raise typer.Exit(o.EXIT_USAGE)
+    raw = o.raw_spec(preset, sets, values={"data.resolution": image_size})
+    if raw.get("data", {}).get("name", "ring8") in TOY_DATASETS:
+        o.err(f"error: --preset: {raw.get('preset', preset)!r} is a toy (2-D) preset; an imported "
+              "image teacher needs an image preset, e.g. --preset cifar10")
         raise typer.Exit(o.EXIT_USAGE)
     from traflow_cli.jobs.teacher import import_teacher
 
     run_dir = out or Path("runs") / f"imported-{path.stem}"
     with o.user_errors():
-        result = import_teacher(spec, path, run_dir, image_size=image_size,
+        result = import_teacher(raw, path, run_dir, image_size=image_size,
                                 use_ema=not raw_weights)
     o.emit(result, as_json, lambda r: render.key_values("imported teacher", r))

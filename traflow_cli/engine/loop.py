@@ -19,18 +19,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from traflow_cli.engine.checkpoint import latest_checkpoint, save_checkpoint
+from traflow_cli.engine.checkpoint import latest_checkpoint, quarantine_newer, save_checkpoint
 from traflow_cli.engine.distributed import any_rank, barrier, mean_over_ranks, unwrap
 from traflow_cli.engine.progress import ProgressBar
-from traflow_cli.engine.records import append_metrics
+from traflow_cli.engine.records import append_metrics, truncate_metrics
 from traflow_cli.engine.runtime import Runtime
+from traflow_cli.errors import Interrupted, UserError
 
 
-class TrainingInterrupted(Exception):
+class TrainingDiverged(UserError):
+    """The loss or a gradient became NaN or infinite; the last good checkpoint is kept."""
+
+
+# In "skip" mode, this many bad steps in a row mean the run has diverged, not hiccuped.
+MAX_SKIPPED_IN_A_ROW = 20
+
+
+class TrainingInterrupted(Interrupted):
     """Raised after a stop request has been honoured with a checkpoint."""
 
     def __init__(self, step: int, checkpoint: Path | None) -> None:
-        super().__init__(f"stopped at step {step}; checkpoint {checkpoint}")
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}. Re-run "
+                         "the same command to resume.")
         self.step = step
         self.checkpoint = checkpoint
 
@@ -50,6 +60,7 @@ class TrainTask:
     log_every_steps: int = 50
     checkpoint_every_steps: int = 500
     keep_checkpoints: int = 2
+    nonfinite: str = "stop"  # "stop" or "skip" (see specs.TrainingSpec.nonfinite)
 
 
 @contextlib.contextmanager
@@ -70,15 +81,30 @@ def stop_requests() -> Iterator[dict[str, bool]]:
             signal.signal(sig, old)
 
 
-def restore(task: TrainTask) -> int:
-    """Load the latest checkpoint of the run folder, if any; returns the step to continue from."""
-    ckpt = latest_checkpoint(task.run_dir / "checkpoints")
-    if ckpt is None:
-        return 0
-    for name, module in task.saved_modules.items():
-        unwrap(module).load_state_dict(ckpt.weights(name))
-    task.optimizer.load_state_dict(ckpt.trainer_state()["optimizer"])
-    return ckpt.step
+def restore(task: TrainTask, runtime: Runtime) -> int:
+    """Load the newest checkpoint that verifies, if any; returns the step to continue from.
+
+    Damaged newer checkpoints are moved aside (checkpoints/damaged/), and metrics.jsonl loses
+    the rows of steps after the one resumed, so that the resumed run writes them once.
+    """
+    folder = task.run_dir / "checkpoints"
+    ckpt = latest_checkpoint(folder)
+    step = 0 if ckpt is None else ckpt.step
+    if ckpt is not None:
+        for name, module in task.saved_modules.items():
+            unwrap(module).load_state_dict(ckpt.weights(name))
+        task.optimizer.load_state_dict(ckpt.trainer_state()["optimizer"])
+    barrier()  # every rank has read the checkpoint before rank 0 moves anything
+    if runtime.is_main:
+        if ckpt is not None and ckpt.skipped:
+            quarantine_newer(folder, ckpt.step)
+        truncate_metrics(task.run_dir, step)
+    return step
+
+
+def _all_finite(metrics: dict[str, Tensor]) -> Tensor:
+    """A 0-d bool tensor on the metrics' device (no host sync)."""
+    return torch.stack([torch.isfinite(v.detach()).all() for v in metrics.values()]).all()
 
 
 def _save(task: TrainTask, step: int, runtime: Runtime) -> Path | None:
@@ -100,27 +126,55 @@ def _any_rank_stopping(stop: bool, runtime: Runtime) -> bool:
 
 def train(task: TrainTask, runtime: Runtime) -> dict[str, Any]:
     """Run task.step_fn from the last checkpoint to task.total_steps; returns a summary."""
-    start = restore(task)
+    start = restore(task, runtime)
     last_row: dict[str, Any] = {}
     checkpoint = None
     sums: dict[str, Tensor] = {}
-    count = 0
+    count = skipped = skipped_in_a_row = 0
+    # "stop" mode: the first step whose metrics were not finite, tracked on the device and read
+    # only at log ticks and before saves (-1: none yet).
+    first_bad = torch.full((), -1, dtype=torch.long, device=runtime.device)
     tick = time.perf_counter()
     began = tick
+
+    def check_finite() -> None:
+        bad = int(first_bad) if task.nonfinite == "stop" else -1
+        # Decided together, so that no rank waits in a collective for one that stopped.
+        if any_rank(bad >= 0 or skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW):
+            at = bad + 1 if bad >= 0 else done
+            kept = latest_checkpoint(task.run_dir / "checkpoints")
+            raise TrainingDiverged(
+                f"the loss became NaN or infinite at step {at}; nothing after step "
+                f"{kept.step if kept else 0} was saved ({kept.path if kept else 'no checkpoint yet'}"
+                f"); lower {task.title}.lr, or set {task.title}.nonfinite='skip' to skip bad steps")
+
     with stop_requests() as flag, ProgressBar(task.title, task.total_steps, completed=start,
                                               enabled=runtime.is_main) as bar:
         for step in range(start, task.total_steps):
             metrics = task.step_fn(step)
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float()
-            count += 1
             done = step + 1
+            finite = _all_finite(metrics) if metrics else torch.ones((), dtype=torch.bool)
+            if task.nonfinite == "skip":
+                good = bool(finite)  # the optimizer step already synced on the same verdict
+                skipped_in_a_row = 0 if good else skipped_in_a_row + 1
+                skipped += not good
+            else:
+                good = True
+                first_bad = torch.where((first_bad < 0) & ~finite.to(first_bad.device),
+                                        torch.full_like(first_bad, step), first_bad)
+            if good:
+                for name, value in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float()
+                count += 1
             if done % task.log_every_steps == 0 or done == task.total_steps:
-                means = mean_over_ranks({n: v / count for n, v in sums.items()})
+                check_finite()
+                means = mean_over_ranks({n: v / max(count, 1) for n, v in sums.items()})
                 elapsed = time.perf_counter() - tick
                 last_row = {"step": done, "images_seen": done * task.images_per_step,
                             "images_per_s": count * task.images_per_step / max(elapsed, 1e-9),
                             **{n: float(v) for n, v in means.items()}}
+                if skipped:
+                    last_row["skipped_steps"] = skipped
                 if runtime.is_main:
                     append_metrics(task.run_dir, last_row)
                 bar.update(done, "  ".join(
@@ -130,6 +184,7 @@ def train(task: TrainTask, runtime: Runtime) -> dict[str, Any]:
                 bar.update(done)
             stopping = _any_rank_stopping(flag["stop"], runtime)
             if done % task.checkpoint_every_steps == 0 or done == task.total_steps or stopping:
+                check_finite()  # never save weights that a NaN step has touched
                 checkpoint = _save(task, done, runtime)
             if stopping:
                 raise TrainingInterrupted(done, checkpoint)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from traflow_cli.runfolder import read_record
+
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write under a temporary name, fsync, then rename: readers see the old or the new file."""
@@ -62,8 +64,25 @@ def write_spec_record(run_dir: Path, *, job: str, spec: dict[str, Any], fingerpr
 
 
 def read_spec_record(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "spec.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """spec.json of a run folder (None if absent); a corrupt one is a one-line UserError."""
+    return read_record(run_dir)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep only the metrics rows of steps up to `step` (a resume from there writes the rest
+    again), dropping any half-written last line."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write_bytes(path, "".join(kept).encode())
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from traflow_cli.engine.records import read_spec_record, write_spec_record
+from traflow_cli.engine.distributed import any_rank, barrier
+from traflow_cli.engine.records import write_spec_record
 from traflow_cli.engine.runtime import Runtime, setup_runtime
+from traflow_cli.errors import UserError
+from traflow_cli.runfolder import (
+    LOCK,
+    RunFolderError,
+    RunLock,
+    check_output_folder,
+    read_record,
+    remove_stale_temporaries,
+)
 from traflow_cli.specs import RunSpec, SpecError, TrainingSpec, resume_conflicts
 
 
@@ -18,24 +30,72 @@ def runtime_for(spec: RunSpec) -> Runtime:
     return setup_runtime(**spec.runtime.model_dump(), image_model=not spec.data.is_toy)
 
 
-def prepare_run_dir(run_dir: Path, spec: RunSpec, *, job: str, sections: tuple[str, ...],
-                    runtime: Runtime) -> bool:
-    """Check a resumed run matches its spec, then (re)write spec.json. Returns True on resume."""
-    saved = read_spec_record(run_dir)
-    if saved is not None:
-        if saved["job"] != job:
-            raise SpecError(f"--out: {run_dir} holds a {saved['job']!r} run, not {job!r}; "
-                            "choose another --out")
-        conflicts = resume_conflicts(saved["spec"], spec.model_dump(mode="json"), sections)
-        if conflicts:
-            raise SpecError(f"--out: {run_dir} was started with different settings "
-                            f"({', '.join(conflicts)}); re-run with the same settings to resume, "
-                            "or choose another --out")
+@dataclass
+class RunClaim:
+    """A run folder this job holds the lock of; `write_record` once its inputs are checked."""
+
+    run_dir: Path
+    spec: RunSpec
+    job: str
+    sections: tuple[str, ...]
+    runtime: Runtime
+    resumed: bool
+
+    def write_record(self) -> None:
+        """spec.json, written only after the job's inputs (data, teacher, nets) were checked, so
+        a failed start never leaves a record that blocks the corrected command."""
+        if self.runtime.is_main:
+            write_spec_record(self.run_dir, job=self.job, spec=self.spec.model_dump(mode="json"),
+                              fingerprint=self.spec.fingerprint(self.sections))
+        barrier()
+
+
+@contextmanager
+def claim_run_dir(run_dir: Path, spec: RunSpec, *, job: str, sections: tuple[str, ...],
+                  runtime: Runtime) -> Iterator[RunClaim]:
+    """Hold `run_dir` for this job: lock it against a second process, refuse a folder of another
+    job or someone else's files, refuse a resume with different settings, sweep temporaries that
+    killed writes left. Rank 0 takes the lock; every rank raises if it could not."""
+    failure: Exception | None = None
+    lock = RunLock(run_dir)
+    created = not run_dir.exists()
     if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_spec_record(run_dir, job=job, spec=spec.model_dump(mode="json"),
-                          fingerprint=spec.fingerprint(sections))
-    return saved is not None
+        try:
+            check_output_folder(run_dir, job)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except UserError as err:
+            failure = err
+    if any_rank(failure is not None):
+        raise failure or RunFolderError(f"{run_dir}: the main process could not claim it")
+    try:
+        saved = read_record(run_dir)
+        started = latest_checkpoint_exists(run_dir)
+        if saved is not None and started:
+            conflicts = resume_conflicts(saved["spec"], spec.model_dump(mode="json"), sections)
+            if conflicts:
+                raise SpecError(f"--out: {run_dir} was started with different settings "
+                                f"({', '.join(conflicts)}); re-run with the same settings to "
+                                "resume, or choose another --out")
+        if runtime.is_main:
+            remove_stale_temporaries(run_dir, run_dir / "checkpoints")
+        yield RunClaim(run_dir, spec, job, sections, runtime, resumed=started)
+    finally:
+        lock.release()
+        if created and runtime.is_main and read_record(run_dir) is None:
+            _remove_if_only_lock(run_dir)  # a failed start leaves no folder behind
+
+
+def _remove_if_only_lock(run_dir: Path) -> None:
+    if {p.name for p in run_dir.iterdir()} <= {LOCK}:
+        (run_dir / LOCK).unlink(missing_ok=True)
+        run_dir.rmdir()
+
+
+def latest_checkpoint_exists(run_dir: Path) -> bool:
+    """Whether the run got as far as a checkpoint (damaged or not): a run without one has
+    nothing to resume, so its settings may change freely."""
+    return any((run_dir / "checkpoints").glob("step-*.safetensors"))
 
 
 def rank_rows(global_batch: int, runtime: Runtime) -> slice:
@@ -63,6 +123,9 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
         group["lr"] = training.lr * scale
     max_norm = training.grad_clip if training.grad_clip is not None else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if training.nonfinite == "skip" and not bool(torch.isfinite(norm)):  # a host sync, by choice
+        optimizer.zero_grad(set_to_none=True)  # leave the weights as they were
+        return norm.detach()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm.detach()

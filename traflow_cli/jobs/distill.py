@@ -14,13 +14,15 @@ from traflow_cli.engine.distributed import all_mean, gather_shards, rank, shard,
 from traflow_cli.engine.ema import make_ema, update_ema
 from traflow_cli.engine.loop import TrainTask, train
 from traflow_cli.engine.records import atomic_write_bytes, write_summary
+from traflow_cli.engine.runtime import Runtime
 from traflow_cli.flow import time_grid, trajectory_on_grid
 from traflow_cli.jobs.batches import global_normal, make_batch_source
 from traflow_cli.jobs.common import (
+    RunClaim,
+    claim_run_dir,
     make_optimizer,
     net_metadata,
     optimizer_step,
-    prepare_run_dir,
     rank_rows,
     runtime_for,
     sample_shape,
@@ -44,13 +46,17 @@ def traflow_config(cfg: DistillSpec) -> TraFlowConfig:
         derivative=cfg.derivative, fd_step=cfg.fd_step)
 
 
-def with_teacher_net(spec: RunSpec) -> RunSpec:
-    """The spec with its `net` section replaced by the teacher's: the student copies it."""
+def check_teacher_net(spec: RunSpec) -> None:
+    """The spec's network must be the teacher checkpoint's: the student copies it (the CLI puts
+    the teacher's network into the spec before validation; this catches any other caller)."""
     check_teacher_run(spec.distill.teacher)
     config = run_checkpoint(Path(spec.distill.teacher)).net_config()
-    merged = spec.model_dump(mode="json")
-    merged["net"] = config
-    return RunSpec.model_validate(merged)
+    if config != spec.net_config():
+        differ = sorted(k for k in set(config) | set(spec.net_config())
+                        if config.get(k) != spec.net_config().get(k))
+        raise SpecError(f"net: differs from the teacher's network in {spec.distill.teacher} "
+                        f"({', '.join(f'net.{k}' for k in differ[:4])}); the student takes its "
+                        "teacher's network: resolve the spec with the teacher's net section")
 
 
 def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, seed: int,
@@ -93,9 +99,14 @@ def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, se
 
 def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     """Distill spec.distill.teacher into a student; resumes from run_dir if started."""
-    spec = with_teacher_net(spec)
+    check_teacher_net(spec)
     runtime = runtime_for(spec)
-    prepare_run_dir(run_dir, spec, job="distill", sections=SECTIONS, runtime=runtime)
+    with claim_run_dir(run_dir, spec, job="distill", sections=SECTIONS, runtime=runtime) as claim:
+        return _distill(spec, claim, runtime)
+
+
+def _distill(spec: RunSpec, claim: RunClaim, runtime: Runtime) -> dict[str, Any]:
+    run_dir = claim.run_dir
     cfg, tf = spec.distill, traflow_config(spec.distill)
     config = spec.net_config()
     teacher_net = runtime.place(load_teacher(cfg.teacher).net)
@@ -121,6 +132,7 @@ def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         raise SpecError("distill.trajectory_cache: cached solves carry their own classes, which "
                         "the data's labels would contradict; set distill.trajectory_cache=0 or "
                         "data.use_labels=false")
+    claim.write_record()  # the teacher loaded, the data opened, the student built
     bank = None
     if cfg.trajectory_cache:
         bank = teacher_trajectories(teacher, shape, count=cfg.trajectory_cache, seed=spec.seed,
@@ -164,7 +176,7 @@ def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         images_per_step=cfg.batch_size,
         metadata=net_metadata(config, "student", teacher=str(cfg.teacher)),
         log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
-        keep_checkpoints=cfg.keep_checkpoints)
+        keep_checkpoints=cfg.keep_checkpoints, nonfinite=cfg.nonfinite)
     summary = {"job": "distill", **train(task, runtime)}
     if runtime.is_main:
         write_summary(run_dir, summary)

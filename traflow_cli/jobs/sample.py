@@ -12,8 +12,8 @@ A toy (2-D) run writes samples.npz (`points` [N, 2]) and samples.png instead.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -24,13 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from traflow_cli.api import Student, Teacher, load_student, load_teacher
-from traflow_cli.engine.checkpoint import run_checkpoint
+from traflow_cli.engine.checkpoint import run_checkpoint, sha256_file
 from traflow_cli.engine.distributed import barrier
 from traflow_cli.engine.progress import ProgressBar
-from traflow_cli.engine.records import atomic_write_json, write_spec_record, write_summary
+from traflow_cli.engine.records import atomic_write_json, write_summary
 from traflow_cli.engine.runtime import Runtime
+from traflow_cli.errors import Interrupted
 from traflow_cli.flow import solve_rk45_per_sample
-from traflow_cli.jobs.common import sample_shape
+from traflow_cli.jobs.common import RunClaim, claim_run_dir, sample_shape
 from traflow_cli.jobs.writers import (
     PNGWriter,
     existing_indices,
@@ -46,6 +47,8 @@ from traflow_cli.jobs.writers import (
 )
 from traflow_cli.sampling import noise_for_indices, sample_student, sample_teacher, student_times
 from traflow_cli.specs import RunSpec, SampleSpec, SpecError
+
+log = logging.getLogger("traflow")
 
 IMAGES_DIR = "images"
 GRID_COUNT = 64
@@ -95,13 +98,9 @@ def sampling_source(spec: RunSpec, run_dir: Path, model: Teacher | Student) -> d
     """
     cfg = spec.sample
     ckpt = run_checkpoint(run_dir)
-    digest = hashlib.sha256()
-    with open(ckpt.path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
     source: dict[str, Any] = {
         "model": str(run_dir.resolve()), "checkpoint": ckpt.path.name,
-        "checkpoint_sha256": digest.hexdigest(), "seed": spec.seed,
+        "checkpoint_sha256": ckpt.sha256 or sha256_file(ckpt.path), "seed": spec.seed,
         "sample.class_label": cfg.class_label}
     if isinstance(model, Student):
         source.update({"role": "student", "sample.nfe": cfg.nfe, "sample.times": cfg.times,
@@ -135,6 +134,14 @@ def sample_run(spec: RunSpec, run_dir: Path, out: Path, runtime: Runtime) -> dic
     Sample i is made from noise seeded by (seed, i) alone, so batch size, process count and
     interruptions never change which image index i holds.
     """
+    with claim_run_dir(out, spec, job="sample", sections=("seed", "sample"),
+                       runtime=runtime) as claim:
+        return _sample_run(spec, run_dir, claim, runtime)
+
+
+def _sample_run(spec: RunSpec, run_dir: Path, claim: RunClaim, runtime: Runtime
+                ) -> dict[str, Any]:
+    out = claim.run_dir
     cfg = spec.sample
     model = load_model(run_dir, runtime.device)
     config = model.config
@@ -148,10 +155,8 @@ def sample_run(spec: RunSpec, run_dir: Path, out: Path, runtime: Runtime) -> dic
     source = sampling_source(spec, run_dir, model)
     check_resume(out, source)
     images_dir = out / IMAGES_DIR
+    claim.write_record()
     if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_spec_record(out, job="sample", spec=spec.model_dump(mode="json"),
-                          fingerprint=spec.fingerprint(("seed", "sample")))
         atomic_write_json(out / "source.json", source)
         if not is_points:
             remove_partial(images_dir)
@@ -165,6 +170,7 @@ def sample_run(spec: RunSpec, run_dir: Path, out: Path, runtime: Runtime) -> dic
     writer = None if is_points else PNGWriter(images_dir)
     points: list[Tensor] = []
     nfe_seen: list[Tensor] = []
+    nonfinite = torch.zeros((), dtype=torch.long)
     began = time.perf_counter()
     # The fresh noise of gamma-sampling is seeded per sample too: steps 1.. of the same stream.
     fresh_steps = cfg.nfe - 1 if isinstance(model, Student) and cfg.gamma > 0 else 0
@@ -179,6 +185,7 @@ def sample_run(spec: RunSpec, run_dir: Path, out: Path, runtime: Runtime) -> dic
                 labels = class_labels(indices, cfg, num_classes, runtime.device)
                 x, nfe = generate(model, noise, cfg, labels, runtime, fresh)
                 nfe_seen.append(nfe.cpu())
+                nonfinite += (~torch.isfinite(x.flatten(1))).any(1).sum().cpu()
                 if writer is None:
                     points.append(x.float().cpu())
                 else:
@@ -186,10 +193,19 @@ def sample_run(spec: RunSpec, run_dir: Path, out: Path, runtime: Runtime) -> dic
                 made = start + len(indices)
                 rate = made / (time.perf_counter() - began)
                 bar.update(done_before + made, f"{rate:.1f} samples/s")
+    except KeyboardInterrupt:
+        if writer is not None:
+            writer.close()  # what was made is on disk before we say so
+        raise Interrupted(f"interrupted; the finished samples are in {out}. Re-run the same "
+                          "command to make the rest") from None
     finally:
         if writer is not None:
             writer.close()
     barrier()  # every rank's PNGs exist before rank 0 reads them back
+    if int(nonfinite):
+        log.warning("%d of the %d samples made now were not finite (NaN or inf: the model's "
+                    "weights or its solver diverged); they were written clamped", int(nonfinite),
+                    len(mine))
     seconds = time.perf_counter() - began
     nfe_all = torch.cat(nfe_seen).double() if nfe_seen else None
     role = "student" if isinstance(model, Student) else "teacher"
@@ -205,6 +221,7 @@ def sample_run(spec: RunSpec, run_dir: Path, out: Path, runtime: Runtime) -> dic
         "seconds": round(seconds, 3),
         "samples_per_s": round(len(mine) / seconds, 2) if mine else None,
         "solver": None if role == "student" else cfg.solver,
+        "nonfinite_samples": int(nonfinite),
         "out": str(out)}
     if runtime.is_main:
         if is_points:

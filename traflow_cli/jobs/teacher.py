@@ -12,18 +12,21 @@ from traflow_cli.engine.distributed import wrap_ddp
 from traflow_cli.engine.ema import make_ema, update_ema
 from traflow_cli.engine.loop import TrainTask, train
 from traflow_cli.engine.records import write_summary
+from traflow_cli.engine.runtime import Runtime
 from traflow_cli.flow import rectified_flow_loss, sample_train_times
 from traflow_cli.jobs.batches import global_normal, make_batch_source
 from traflow_cli.jobs.common import (
+    RunClaim,
+    claim_run_dir,
     make_optimizer,
     net_metadata,
     optimizer_step,
-    prepare_run_dir,
     rank_rows,
     runtime_for,
     sample_shape,
 )
 from traflow_cli.nets import build_net
+from traflow_cli.runfolder import RunLock, check_output_folder
 from traflow_cli.sampling import teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
 from traflow_cli.specs import RunSpec, SpecError
@@ -35,7 +38,12 @@ def train_teacher(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     """Train v(x, t) by rectified flow on the spec's data; resumes from run_dir if started."""
     _check_labels(spec)
     runtime = runtime_for(spec)
-    prepare_run_dir(run_dir, spec, job="teacher", sections=SECTIONS, runtime=runtime)
+    with claim_run_dir(run_dir, spec, job="teacher", sections=SECTIONS, runtime=runtime) as claim:
+        return _train_teacher(spec, claim, runtime)
+
+
+def _train_teacher(spec: RunSpec, claim: RunClaim, runtime: Runtime) -> dict[str, Any]:
+    run_dir = claim.run_dir
     cfg = spec.teacher
     config = spec.net_config()
     torch.manual_seed(derive_seed(spec.seed, 5))  # initial weights: same for any process count
@@ -67,7 +75,8 @@ def train_teacher(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         optimizer=optimizer, step_fn=step_fn, total_steps=cfg.duration_steps,
         images_per_step=cfg.batch_size, metadata=net_metadata(config, "teacher"),
         log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
-        keep_checkpoints=cfg.keep_checkpoints)
+        keep_checkpoints=cfg.keep_checkpoints, nonfinite=cfg.nonfinite)
+    claim.write_record()  # the data opened and the network built: the inputs are good
     summary = {"job": "teacher", **train(task, runtime)}
     if runtime.is_main:
         write_summary(run_dir, summary)
@@ -85,38 +94,45 @@ def _check_labels(spec: RunSpec) -> None:
                         "labelled data; set data.use_labels=true, or net.num_classes=0")
 
 
-def import_teacher(spec: RunSpec, path: Path, run_dir: Path, *, image_size: int = 32,
+def import_teacher(raw: dict[str, Any], path: Path, run_dir: Path, *, image_size: int = 32,
                    use_ema: bool = True) -> dict[str, Any]:
     """Write a teacher run folder from an official Rectified Flow checkpoint, checked in full.
+
+    `raw` is the merged, not yet validated spec dict (a preset and overrides); its `net` becomes
+    the checkpoint's network before it is validated.
 
     Re-importing into a folder written by an earlier import replaces it; a folder holding any
     other run (a trained teacher, a student, samples) is refused rather than overwritten.
     """
-    from traflow_cli.engine.checkpoint import latest_checkpoint, save_checkpoint
-    from traflow_cli.engine.records import read_spec_record, write_spec_record
+    from traflow_cli.engine.checkpoint import save_checkpoint
+    from traflow_cli.engine.records import write_spec_record
     from traflow_cli.interop import read_rectified_flow_checkpoint
     from traflow_cli.specs import build_spec
 
-    saved = read_spec_record(run_dir)
-    if saved is not None:
-        previous = latest_checkpoint(run_dir / "checkpoints")
-        if saved["job"] != "teacher" or previous is None or "source" not in previous.metadata:
-            raise SpecError(f"--out: {run_dir} already holds a {saved['job']!r} run; importing "
-                            "would overwrite it; choose another --out")
+    check_import_target(run_dir)  # before reading a large file; again under the lock below
     config, state = read_rectified_flow_checkpoint(path, image_size=image_size, use_ema=use_ema)
     net_config = {"kind": "ncsnpp", **config}
-    merged = spec.model_dump(mode="json")
-    merged["net"] = net_config
-    spec = build_spec(merged)  # one line per field, e.g. a toy preset's data with an image net
+    spec = build_spec({**raw, "net": net_config})  # one line per field
     net = build_net(net_config)
     net.load_state_dict(state)  # strict: every name and shape was checked by the reader too
-    write_spec_record(run_dir, job="teacher", spec=spec.model_dump(mode="json"),
-                      fingerprint=spec.fingerprint(SECTIONS))
-    ckpt = save_checkpoint(run_dir / "checkpoints", step=0, modules={"ema": net.state_dict()},
-                           trainer_state={}, metadata=net_metadata(
-                               spec.net_config(), "teacher", source=str(path),
-                               weights="ema" if use_ema else "raw"))
-    summary = {"job": "teacher-import", "source": str(path), "checkpoint": str(ckpt),
-               "parameters": sum(p.numel() for p in net.parameters()), **config}
-    write_summary(run_dir, summary)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        check_import_target(run_dir)  # again: another process may have started meanwhile
+        write_spec_record(run_dir, job="teacher", spec=spec.model_dump(mode="json"),
+                          fingerprint=spec.fingerprint(SECTIONS))
+        ckpt = save_checkpoint(run_dir / "checkpoints", step=0, modules={"ema": net.state_dict()},
+                               trainer_state={}, metadata=net_metadata(
+                                   spec.net_config(), "teacher", source=str(path),
+                                   weights="ema" if use_ema else "raw"))
+        summary = {"job": "teacher-import", "source": str(path), "checkpoint": str(ckpt),
+                   "parameters": sum(p.numel() for p in net.parameters()), **config}
+        write_summary(run_dir, summary)
     return summary
+
+
+def check_import_target(run_dir: Path) -> None:
+    """An import may replace an earlier import, never a run that trained (it has metrics)."""
+    saved = check_output_folder(run_dir, "teacher")
+    if saved is not None and (run_dir / "metrics.jsonl").exists():
+        raise SpecError(f"--out: {run_dir} already holds a trained teacher; importing would "
+                        "overwrite it; choose another --out")
