@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from traflow_cli.version import __version__
+
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write under a temporary name, fsync, then rename: readers see the old or the new file."""
@@ -42,8 +44,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def versions() -> dict[str, str]:
-    from traflow_cli import __version__
-
+    """The versions a run record names: traflow, torch, Python and the platform."""
     return {"traflow": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "platform": sys.platform}
 
