@@ -19,6 +19,7 @@ from torch import nn
 
 from traflow_cli.metrics import fid as fid_mod
 from traflow_cli.metrics import inception as inc
+from traflow_cli.metrics import reference as reference_mod
 from traflow_cli.metrics.fid import (
     FIDError,
     FIDResult,
@@ -129,7 +130,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         raise OSError(f"offline test: refused {url}")
 
     monkeypatch.setattr(inc, "download_file", refuse)
-    monkeypatch.setattr(fid_mod, "download_file", refuse)
+    monkeypatch.setattr(reference_mod, "download_file", refuse)
 
 
 # ---- Fréchet distance -------------------------------------------------------------------------

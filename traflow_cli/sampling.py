@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from traflow_cli.flow import EVALS_PER_STEP, Velocity, solve_on_grid, solve_rk45
+from traflow_cli.flow import EVALS_PER_STEP, RowVelocity, Velocity, solve_on_grid, solve_rk45
+from traflow_cli.times import check_sampling_times
 from traflow_cli.traflow import jump
 
 TEACHER_SOLVERS = ("euler", "heun", "rk45")
@@ -29,10 +30,9 @@ def student_times(nfe: int, times: Sequence[float] | None = None) -> Tensor:
     """Sampling times 0 = t_0 < ... < t_M = 1: uniform with M = nfe, or the given list."""
     if times is not None:
         grid = torch.tensor(list(times), dtype=torch.float32)
-        if len(grid) != nfe + 1:
-            raise ValueError(f"{len(grid)} times give {len(grid) - 1} steps, not nfe={nfe}")
-        if grid[0] != 0.0 or grid[-1] != 1.0 or not bool((grid[1:] > grid[:-1]).all()):
-            raise ValueError("times must increase strictly from 0 to 1")
+        # Checked as float32, the precision the jumps use: times that differ only in float64
+        # would make a zero-length jump.
+        check_sampling_times(grid.tolist(), nfe)
         return grid
     return torch.linspace(0.0, 1.0, nfe + 1)
 
@@ -85,8 +85,13 @@ def sample_teacher(velocity: Velocity, noise: Tensor, *, solver: str = "euler", 
 
 
 def teacher_velocity(net: nn.Module, labels: Tensor | None = None) -> Velocity:
-    """Bind class labels (if any) so the teacher is a plain velocity(x, t)."""
+    """Bind class labels [B] (if any) so the teacher is a plain velocity(x [B, ...], t [B])."""
     if labels is None:
         return net
     return lambda x, t: net(x, t, class_labels=labels)
 
+
+def teacher_row_velocity(net: nn.Module, labels: Tensor | None = None) -> RowVelocity:
+    """velocity(x [A, ...], t [A], rows [A]) for the per-sample RK45 solver: the rows still
+    being solved get their own labels from labels [B]."""
+    return lambda x, t, rows: teacher_velocity(net, None if labels is None else labels[rows])(x, t)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from traflow_cli.errors import UserError
 from traflow_cli.runfolder import require_run
+from traflow_cli.times import check_sampling_times
 
 TOY_DATASETS = ("checkerboard", "ring8")
 IMAGE_DATASETS = ("cifar10", "celeba64", "ffhq64", "imagenet64", "shapes32", "folder")
@@ -177,12 +178,7 @@ class SampleSpec(Section):
     @model_validator(mode="after")
     def _times_match_nfe(self) -> SampleSpec:
         if self.times is not None:
-            if len(self.times) != self.nfe + 1:
-                raise ValueError(f"times has {len(self.times)} entries; nfe={self.nfe} needs "
-                                 f"{self.nfe + 1} (from 0 to 1)")
-            if self.times[0] != 0 or self.times[-1] != 1 or any(
-                    b <= a for a, b in zip(self.times, self.times[1:], strict=False)):
-                raise ValueError("times must increase strictly from 0 to 1")
+            check_sampling_times(self.times, self.nfe)
         return self
 
 

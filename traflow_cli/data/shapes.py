@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from traflow_cli.data.images import ImageDataset
+from traflow_cli.data.images.dataset import ImageDataset
 
 SHAPE_NAMES = ("circle", "square", "triangle")  # label = index in this tuple
 NUM_PARAMS = 13

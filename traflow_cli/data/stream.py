@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from traflow_cli.data.images import ImageDataset
+from traflow_cli.data.images.dataset import ImageDataset
 from traflow_cli.seeding import derive_seed
 
 _STREAM_TAG = 0x0DA7A5EED  # keeps data-order seeds apart from other seeds derived from `seed`

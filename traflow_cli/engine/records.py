@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from traflow_cli.runfolder import read_record
+from traflow_cli.version import __version__
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -44,8 +45,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def versions() -> dict[str, str]:
-    from traflow_cli import __version__
-
+    """The versions a run record names: traflow, torch, Python and the platform."""
     return {"traflow": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "platform": sys.platform}
 

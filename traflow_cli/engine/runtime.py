@@ -139,24 +139,29 @@ def _set_tf32(enabled: bool) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
+def resolve_device(device: str) -> torch.device:
+    """runtime.device ("cpu", "cuda" or "auto") -> this process's device (its GPU under torchrun)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeSetupError("runtime.device: 'cuda' asked for but no CUDA device is visible; "
+                                "use --device cpu or --device auto")
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
 def setup_runtime(*, device: str = "auto", precision: str = "auto", compile: str = "auto",
                   channels_last: str = "auto", cuda_graphs: str = "auto", tf32: bool = True,
                   image_model: bool = True) -> Runtime:
     """Resolve "auto" choices for this machine and join a torchrun group if launched by one."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeSetupError("runtime.device: 'cuda' asked for but no CUDA device is visible; "
-                                "use --device cpu or --device auto")
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
     if precision == "bf16" and not cuda:
         raise RuntimeSetupError("runtime.precision: bf16 is for CUDA runs; use fp32 on CPU")
     if cuda:
         # Before joining the group, so that each rank's NCCL communicator lives on its own GPU.
-        torch.cuda.set_device(local_rank())
-        dev = torch.device("cuda", local_rank())
+        torch.cuda.set_device(dev)
         _set_tf32(tf32)
         torch.backends.cudnn.benchmark = True
-    else:
-        dev = torch.device("cpu")
     rank, world, _ = init_process_group(dev.type)
     amp = torch.bfloat16 if (precision == "bf16" or (precision == "auto" and cuda)) else None
     return Runtime(device=dev, rank=rank, world_size=world, amp_dtype=amp,

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from traflow_cli.data.toy import sample_toy
 from traflow_cli.engine.runtime import Runtime
+from traflow_cli.errors import UserError
 from traflow_cli.jobs.common import rank_rows
 from traflow_cli.seeding import generator_for
 from traflow_cli.specs import DataSpec, SpecError
@@ -34,6 +35,8 @@ def make_batch_source(data: DataSpec, *, seed: int, global_batch: int,
     try:
         dataset = open_image_dataset(data.name, path=data.path, resolution=data.resolution,
                                      download=data.download, use_labels=data.use_labels)
+    except UserError:  # a file that is missing or damaged: its own line names it
+        raise
     except ValueError as err:  # settings the dataset cannot meet (resolution, labels): one line
         raise SpecError(f"data: {err}") from None
     if data.preload and hasattr(dataset, "preload"):

@@ -20,12 +20,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from traflow_cli.api import load_student, load_teacher
 from traflow_cli.engine.ema import make_ema, update_ema
 from traflow_cli.engine.runtime import Runtime
 from traflow_cli.flow import rectified_flow_loss, sample_train_times, time_grid, trajectory_on_grid
 from traflow_cli.jobs.common import make_optimizer, optimizer_step, sample_shape
 from traflow_cli.jobs.distill import traflow_config
+from traflow_cli.models import load_student, load_teacher
 from traflow_cli.nets import build_net, student_from_teacher
 from traflow_cli.sampling import sample_student, sample_teacher, student_times, teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for

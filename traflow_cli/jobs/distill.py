@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from traflow_cli.api import load_teacher
 from traflow_cli.engine.checkpoint import run_checkpoint
 from traflow_cli.engine.distributed import all_mean, gather_shards, rank, shard, unwrap, wrap_ddp
 from traflow_cli.engine.ema import make_ema, update_ema
@@ -27,6 +26,7 @@ from traflow_cli.jobs.common import (
     runtime_for,
     sample_shape,
 )
+from traflow_cli.models import load_teacher
 from traflow_cli.nets import student_from_teacher
 from traflow_cli.sampling import teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -11,24 +13,60 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from traflow_cli.api import load_student, load_teacher
 from traflow_cli.data.toy import sample_toy
 from traflow_cli.engine.records import atomic_write_json
-from traflow_cli.engine.runtime import Runtime
+from traflow_cli.engine.runtime import Runtime, resolve_device
+from traflow_cli.errors import UserError, one_line
 from traflow_cli.jobs.common import sample_shape
 from traflow_cli.jobs.writers import panels_row, save_image, scatter_panel
 from traflow_cli.metrics.agreement import mse_psnr, straightness
 from traflow_cli.metrics.toy import mmd_rbf, sliced_wasserstein
-from traflow_cli.sampling import noise_for_indices, sample_student, sample_teacher, student_times
+from traflow_cli.models import load_student, load_teacher
+from traflow_cli.sampling import (
+    noise_for_indices,
+    sample_student,
+    sample_teacher,
+    student_times,
+    teacher_velocity,
+)
 from traflow_cli.seeding import generator_for
 from traflow_cli.specs import RunSpec, SpecError
 
 
-def _points_from_npz(path: Path) -> Tensor:
-    with np.load(path) as archive:
-        if "points" not in archive:
-            raise SpecError(f"{path}: no 'points' array; expected the samples.npz of a toy run")
-        return torch.from_numpy(archive["points"]).float()
+class SamplesFileError(UserError, ValueError):
+    """A samples file that cannot be measured: one line naming the file, what is wrong, the fix."""
+
+
+# What np.load raises on a missing, truncated or foreign file (a zip with a bad member included).
+_NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def read_toy_points(path: Path, dim: int) -> Tensor:
+    """points [N, dim] float32 from the samples.npz of a toy run; anything else is one line."""
+    fix = "pass the samples.npz written by 'traflow sample' for a toy run"
+    if not path.is_file():
+        what = "a folder, not a file" if path.is_dir() else "no such file"
+        raise SamplesFileError(f"{path}: {what}; {fix}")
+    try:
+        archive = np.load(path, allow_pickle=False)  # untrusted: never unpickle
+    except _NPZ_ERRORS as exc:
+        raise SamplesFileError(f"{path}: not a readable .npz ({one_line(exc)}); {fix}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise SamplesFileError(f"{path}: a bare .npy array, not an .npz with 'points'; {fix}")
+    with archive:
+        if "points" not in archive.files:
+            found = ", ".join(archive.files) or "nothing"
+            raise SamplesFileError(f"{path}: no 'points' array (found {found}); {fix}")
+        try:
+            points = archive["points"]
+        except _NPZ_ERRORS as exc:
+            raise SamplesFileError(f"{path}: cannot read its 'points' ({one_line(exc)}); "
+                                   f"{fix}") from None
+    numeric = np.issubdtype(points.dtype, np.integer) or np.issubdtype(points.dtype, np.floating)
+    if not numeric or points.ndim != 2 or points.shape[1] != dim or len(points) < 2:
+        raise SamplesFileError(f"{path}: 'points' is {points.dtype} {list(points.shape)}, not "
+                               f"[N >= 2, {dim}] numbers; {fix}")
+    return torch.from_numpy(points).float()
 
 
 def evaluate_toy(spec: RunSpec, *, teacher_dir: Path | None, student_dir: Path | None,
@@ -38,6 +76,8 @@ def evaluate_toy(spec: RunSpec, *, teacher_dir: Path | None, student_dir: Path |
     cfg = spec.eval
     n = cfg.num_samples
     truth = sample_toy(spec.data.name, n, generator_for(spec.seed, 4))
+    # Every file is read before any model runs, so a bad one fails the command at once.
+    files = [(path, read_toy_points(path, truth.shape[1])) for path in sample_files]
 
     def measure(label: str, points: Tensor, **info: Any) -> dict[str, Any]:
         m = min(cfg.mmd_samples, len(points), n)
@@ -64,8 +104,7 @@ def evaluate_toy(spec: RunSpec, *, teacher_dir: Path | None, student_dir: Path |
             x = sample_student(student.net, noise, student_times(nfe))
             rows.append(measure("student", x.cpu(), nfe=nfe))
             pictures.append(scatter_panel(x, f"student NFE {nfe}"))
-    for path in sample_files:
-        points = _points_from_npz(path)
+    for path, points in files:
         rows.append(measure(str(path), points))
         pictures.append(scatter_panel(points, path.parent.name or path.name))
     result = {"metric": "toy", "distribution": spec.data.name, "rows": rows}
@@ -91,8 +130,7 @@ def evaluate_agreement(spec: RunSpec, *, student_dir: Path, teacher_dir: Path,
     noise = noise.to(runtime.device)
     num_classes = student.config.get("num_classes", 0)
     labels = (torch.arange(count, device=runtime.device) % num_classes) if num_classes else None
-    velocity = (teacher.velocity if labels is None
-                else lambda x, t: teacher.velocity(x, t, class_labels=labels))
+    velocity = teacher_velocity(teacher, labels)
     reference, teacher_nfe = sample_teacher(velocity, noise, solver="rk45",
                                             rtol=spec.sample.rtol, atol=spec.sample.atol)
     rows = []
@@ -158,12 +196,7 @@ def evaluate_fid(spec: RunSpec, *, samples: Path, out: Path | None, batch_size: 
         raise SpecError("--ref: no reference given and eval.fid_reference is not set; pass "
                         "--ref cifar10 (clean-fid statistics), a folder or .zip of images, or a "
                         "statistics .npz (mu, sigma)")
-    device = spec.runtime.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SpecError("runtime.device: 'cuda' asked for but no CUDA device is visible; use "
-                        "--device cpu or --device auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(spec.runtime.device)
     measured, warnings = fid_samples_path(samples)
     began = time.perf_counter()
     fid = compute_fid(measured, cfg.fid_reference, mode=cfg.fid_mode, split=cfg.fid_split,

@@ -23,14 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from traflow_cli.api import Student, Teacher, load_student, load_teacher
 from traflow_cli.engine.checkpoint import run_checkpoint, sha256_file
 from traflow_cli.engine.distributed import barrier
 from traflow_cli.engine.progress import ProgressBar
 from traflow_cli.engine.records import atomic_write_json, write_summary
 from traflow_cli.engine.runtime import Runtime
 from traflow_cli.errors import Interrupted
-from traflow_cli.flow import solve_rk45_per_sample
+from traflow_cli.flow import EVALS_PER_STEP, solve_rk45_per_sample
 from traflow_cli.jobs.common import RunClaim, claim_run_dir, sample_shape
 from traflow_cli.jobs.writers import (
     PNGWriter,
@@ -45,7 +44,15 @@ from traflow_cli.jobs.writers import (
     scatter_panel,
     to_uint8,
 )
-from traflow_cli.sampling import noise_for_indices, sample_student, sample_teacher, student_times
+from traflow_cli.models import Student, Teacher, load_student, load_teacher
+from traflow_cli.sampling import (
+    noise_for_indices,
+    sample_student,
+    sample_teacher,
+    student_times,
+    teacher_row_velocity,
+    teacher_velocity,
+)
 from traflow_cli.specs import RunSpec, SampleSpec, SpecError
 
 log = logging.getLogger("traflow")
@@ -81,13 +88,10 @@ def generate(model: nn.Module, noise: Tensor, cfg: SampleSpec, labels: Tensor | 
             return x, torch.full((batch,), cfg.nfe)
         if cfg.solver == "rk45":
             # Step sizes per sample: the batch a sample lands in never changes its image.
-            return solve_rk45_per_sample(
-                lambda x, t, rows: model.velocity(
-                    x, t, class_labels=None if labels is None else labels[rows]),
-                noise, rtol=cfg.rtol, atol=cfg.atol)
-        velocity = (model.velocity if labels is None
-                    else lambda x, t: model.velocity(x, t, class_labels=labels))
-        x, nfe = sample_teacher(velocity, noise, solver=cfg.solver, steps=cfg.steps)
+            return solve_rk45_per_sample(teacher_row_velocity(model, labels), noise,
+                                         rtol=cfg.rtol, atol=cfg.atol)
+        x, nfe = sample_teacher(teacher_velocity(model, labels), noise, solver=cfg.solver,
+                                steps=cfg.steps)
         return x, torch.full((batch,), nfe)
 
 
@@ -238,7 +242,7 @@ def _sample_run(spec: RunSpec, run_dir: Path, claim: RunClaim, runtime: Runtime
 def _fixed_nfe(model: Teacher | Student, cfg: SampleSpec) -> int:
     if isinstance(model, Student):
         return cfg.nfe
-    return {"euler": 1, "heun": 2}[cfg.solver] * cfg.steps
+    return EVALS_PER_STEP[cfg.solver] * cfg.steps
 
 
 def _finish_images(out: Path, images_dir: Path, cfg: SampleSpec,

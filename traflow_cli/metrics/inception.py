@@ -51,6 +51,7 @@ __all__ = [
     "FIDError",
     "HelperInceptionFeatures",
     "InceptionInfo",
+    "check_mode",
     "load_inception",
     "tf1_bilinear_resize",
 ]
@@ -265,7 +266,8 @@ class CallableFeatures(nn.Module):
         return self.model(x)
 
 
-def _check_mode(mode: str) -> None:
+def check_mode(mode: str) -> None:
+    """Raise FIDError unless mode is one of FID_MODES (the one check every FID entry point uses)."""
     if mode not in FID_MODES:
         raise FIDError(f"unknown FID mode {mode!r}; choose one of {', '.join(FID_MODES)}")
 
@@ -387,7 +389,7 @@ def load_inception(
     Raises:
         FIDError: unknown mode, or no verified copy of the network is available.
     """
-    _check_mode(mode)
+    check_mode(mode)
     if mode == "legacy_pytorch":
         return _load_pytorch_fid(device, allow_download)
     model, info, why = _try_cleanfid_file(device, mode, allow_download)
