@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ from torch import nn
 from traflow_cli.engine import checkpoint as ckpt_module
 from traflow_cli.engine.checkpoint import latest_checkpoint, save_checkpoint
 from traflow_cli.engine.ema import make_ema, update_ema
+from traflow_cli.engine.loop import TrainingDiverged, TrainTask, train
+from traflow_cli.engine.runtime import setup_runtime
 
 
 def _save(folder: Path, step: int, value: float, keep: int = 2) -> Path:
@@ -71,3 +75,62 @@ def test_ema_update_is_the_exponential_average() -> None:
     assert not ema.weight.requires_grad
     update_ema(ema, source, 0.0)
     assert torch.equal(ema.weight, source.weight)
+
+
+def _diverging_task(run_dir: Path, nonfinite: str, bad_steps: set[int],
+                    total_steps: int = 20) -> TrainTask:
+    """A real (tiny) regression whose loss is NaN at `bad_steps`, as a blown-up batch would be."""
+    from traflow_cli.jobs.common import optimizer_step
+    from traflow_cli.specs import TeacherSpec
+
+    torch.manual_seed(0)
+    net = nn.Linear(4, 1)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    training = TeacherSpec(nonfinite=nonfinite, grad_clip=None)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        loss = ((net(x) - y) ** 2).mean() * (float("nan") if step in bad_steps else 1.0)
+        loss.backward()
+        norm = optimizer_step(optimizer, list(net.parameters()), step, training)
+        return {"loss": loss.detach(), "grad_norm": norm}
+
+    return TrainTask(run_dir=run_dir, title="teacher", saved_modules={"net": net},
+                     optimizer=optimizer, step_fn=step_fn, total_steps=total_steps, images_per_step=32,
+                     metadata={"net_config": "{}", "role": "teacher"}, log_every_steps=5,
+                     checkpoint_every_steps=5, keep_checkpoints=3, nonfinite=nonfinite)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    task = _diverging_task(tmp_path, "stop", bad_steps={7})
+    with pytest.raises(TrainingDiverged, match="at step 8; nothing after step 5 was saved"):
+        train(task, setup_runtime(device="cpu"))
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    assert ckpt.step == 5 and all(torch.isfinite(w).all() for w in ckpt.weights("net").values())
+    assert not (tmp_path / "checkpoints" / "step-000000010.safetensors").exists()
+
+
+def test_skip_mode_leaves_the_weights_untouched_by_a_bad_step(tmp_path: Path) -> None:
+    task = _diverging_task(tmp_path, "skip", bad_steps={7})
+    summary = train(task, setup_runtime(device="cpu"))
+    assert summary["steps"] == 20
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_steps"] == 1 and all(math.isfinite(r["loss"]) for r in rows)
+    weights = latest_checkpoint(tmp_path / "checkpoints").weights("net")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_skip_mode_still_stops_a_run_that_keeps_diverging(tmp_path: Path) -> None:
+    task = _diverging_task(tmp_path, "skip", bad_steps=set(range(3, 100)), total_steps=60)
+    with pytest.raises(TrainingDiverged, match="steps in a row up to step 25"):
+        train(task, setup_runtime(device="cpu"))
+
+
+def test_resume_drops_metrics_rows_after_the_checkpoint(tmp_path: Path) -> None:
+    from traflow_cli.engine.records import truncate_metrics
+
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (5, 10, 15)) + '{"step": 2')
+    truncate_metrics(tmp_path, 10)
+    assert [json.loads(line)["step"] for line in
+            (tmp_path / "metrics.jsonl").read_text().splitlines()] == [5, 10]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import invoke
 from safetensors.torch import load_file
@@ -81,3 +83,105 @@ def test_ctrl_c_saves_exits_130_and_resumes_identically(toy_teacher: Path, tmp_p
     result = invoke("distill", "--teacher", toy_teacher, "--out", out, *ARGS)
     assert result.exit_code == 0, result.output
     _assert_identical(_final_weights(out), uninterrupted)
+
+
+def _damage(out: Path, fault: str) -> None:
+    """Injure the newest checkpoint (step 20) the way the fault probe did."""
+    folder = out / "checkpoints"
+    weights = folder / "step-000000020.safetensors"
+    if fault == "ff-inside-tensors":  # 4 KiB of 0xff in the tensor data, header intact
+        data = bytearray(weights.read_bytes())
+        start = 8 + int.from_bytes(data[:8], "little") + 512
+        data[start:start + 4096] = b"\xff" * 4096
+        weights.write_bytes(bytes(data))
+    elif fault == "truncated-weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif fault == "random-state":
+        state = folder / "step-000000020.state.pt"
+        state.write_bytes(os.urandom(state.stat().st_size))
+    elif fault == "killed-before-manifest":  # what SIGKILL between two writes leaves
+        (folder / "step-000000020.manifest.json").unlink()
+        (folder / "latest").write_text("step-000000015\n")
+        (folder / f".step-000000025.safetensors.tmp-{os.getpid()}").write_bytes(b"half")
+    elif fault == "garbage-latest":
+        (folder / "latest").write_bytes(os.urandom(64))
+    else:
+        raise ValueError(fault)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["ff-inside-tensors", "truncated-weights", "random-state",
+                                   "killed-before-manifest", "garbage-latest"])
+def test_a_damaged_checkpoint_is_passed_over_and_the_run_ends_identical(
+        fault: str, toy_teacher: Path, tmp_path: Path, uninterrupted: dict) -> None:
+    out = tmp_path / "student"
+    half = [a if a != "40" else "20" for a in ARGS]
+    assert invoke("distill", "--teacher", toy_teacher, "--out", out, *half).exit_code == 0
+    _damage(out, fault)
+    result = invoke("distill", "--teacher", toy_teacher, "--out", out, *ARGS)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    if fault == "garbage-latest":  # the pointer is only a hint: nothing was damaged
+        assert not warnings
+    else:
+        assert len(warnings) == 1 and "step-000000020" in warnings[0], result.stderr
+        assert (out / "checkpoints" / "damaged" / "step-000000020.safetensors").is_file()
+    assert not list((out / "checkpoints").glob(".*tmp*"))  # leftovers of killed writes swept
+    _assert_identical(_final_weights(out), uninterrupted)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # no row written twice
+
+
+@pytest.mark.slow
+def test_when_every_checkpoint_is_damaged_the_error_is_one_line(toy_teacher: Path,
+                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "student"
+    half = [a if a != "40" else "10" for a in ARGS]
+    assert invoke("distill", "--teacher", toy_teacher, "--out", out, *half).exit_code == 0
+    for weights in (out / "checkpoints").glob("step-*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    for command in (["distill", "--teacher", toy_teacher, "--out", out, *ARGS], ["sample", out]):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "no usable checkpoint" in lines[0], result.stderr
+        assert "step-000000010" in lines[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing moved
+
+
+@pytest.mark.slow
+def test_sampling_a_student_with_a_damaged_newest_checkpoint_uses_the_previous(
+        toy_teacher: Path, tmp_path: Path) -> None:
+    out = tmp_path / "student"
+    half = [a if a != "40" else "20" for a in ARGS]
+    assert invoke("distill", "--teacher", toy_teacher, "--out", out, *half).exit_code == 0
+    _damage(out, "ff-inside-tensors")
+    result = invoke("sample", out, "-n", "100", "--out", tmp_path / "samples", "--json")
+    assert result.exit_code == 0, result.output
+    assert "step-000000020" in result.stderr and "using" in result.stderr
+    assert json.loads(result.stdout)["checkpoint"] == "step-000000015.safetensors"
+    points = np.load(tmp_path / "samples" / "samples.npz")["points"]
+    assert np.isfinite(points).all()
+
+
+@pytest.mark.slow
+def test_a_second_process_is_refused_while_the_first_trains(tmp_path: Path) -> None:
+    out = tmp_path / "teacher"
+    args = ["teacher", "train", "--out", str(out), "--steps", "100000", "--device", "cpu",
+            "--set", "net.hidden=64", "--set", "teacher.log_every_steps=10",
+            "--set", "teacher.checkpoint_every_steps=50"]
+    proc = subprocess.Popen([sys.executable, "-m", "traflow_cli", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_checkpoint(out, proc)
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"pid {proc.pid}" in lines[0], result.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # one writer: every row once

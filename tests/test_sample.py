@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -349,3 +353,25 @@ def test_png_writer_is_lossless_and_reports_failures(tmp_path: Path) -> None:
     writer.write([0], rgb[:1])
     with pytest.raises(OSError):
         writer.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_what_was_made_and_says_how_to_resume(student: Path, tmp_path: Path) -> None:
+    out = tmp_path / "samples"
+    args = [sys.executable, "-m", "traflow_cli", "sample", str(student), "-n", "5000",
+            "--batch-size", "4", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(existing_indices(out / "images")) < 8:
+        assert proc.poll() is None and time.time() < deadline, "it ended before Ctrl-C"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Re-run the same command" in stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stderr
+    made = existing_indices(out / "images")
+    assert made and not list((out / "images").glob(".*tmp"))  # whole files only
+    result = invoke("sample", student, "-n", "5000", "--batch-size", "4", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["made_now"] == 5000 - len(made)

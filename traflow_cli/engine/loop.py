@@ -141,12 +141,16 @@ def train(task: TrainTask, runtime: Runtime) -> dict[str, Any]:
         bad = int(first_bad) if task.nonfinite == "stop" else -1
         # Decided together, so that no rank waits in a collective for one that stopped.
         if any_rank(bad >= 0 or skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW):
-            at = bad + 1 if bad >= 0 else done
             kept = latest_checkpoint(task.run_dir / "checkpoints")
+            saved = (f"nothing after step {kept.step if kept else 0} was saved "
+                     f"({kept.path if kept else 'no checkpoint yet'})")
+            if bad >= 0:
+                raise TrainingDiverged(
+                    f"the loss became NaN or infinite at step {bad + 1}; {saved}; lower "
+                    f"{task.title}.lr, or set {task.title}.nonfinite='skip' to skip bad steps")
             raise TrainingDiverged(
-                f"the loss became NaN or infinite at step {at}; nothing after step "
-                f"{kept.step if kept else 0} was saved ({kept.path if kept else 'no checkpoint yet'}"
-                f"); lower {task.title}.lr, or set {task.title}.nonfinite='skip' to skip bad steps")
+                f"{skipped_in_a_row} steps in a row up to step {done} had a NaN or infinite loss "
+                f"and were skipped: the run has diverged; {saved}; lower {task.title}.lr")
 
     with stop_requests() as flag, ProgressBar(task.title, task.total_steps, completed=start,
                                               enabled=runtime.is_main) as bar:
