@@ -85,17 +85,10 @@ def _check_labels(spec: RunSpec) -> None:
                         "labelled data; set data.use_labels=true, or net.num_classes=0")
 
 
-def import_teacher(spec: RunSpec, path: Path, run_dir: Path, *, image_size: int = 32,
-                   use_ema: bool = True) -> dict[str, Any]:
-    """Write a teacher run folder from an official Rectified Flow checkpoint, checked in full.
-
-    Re-importing into a folder written by an earlier import replaces it; a folder holding any
-    other run (a trained teacher, a student, samples) is refused rather than overwritten.
-    """
-    from traflow_cli.engine.checkpoint import latest_checkpoint, save_checkpoint
-    from traflow_cli.engine.records import read_spec_record, write_spec_record
-    from traflow_cli.interop import read_rectified_flow_checkpoint
-    from traflow_cli.specs import build_spec
+def refuse_to_overwrite(run_dir: Path) -> None:
+    """An import may replace an earlier import in run_dir, never any other run."""
+    from traflow_cli.engine.checkpoint import latest_checkpoint
+    from traflow_cli.engine.records import read_spec_record
 
     saved = read_spec_record(run_dir)
     if saved is not None:
@@ -103,6 +96,21 @@ def import_teacher(spec: RunSpec, path: Path, run_dir: Path, *, image_size: int 
         if saved["job"] != "teacher" or previous is None or "source" not in previous.metadata:
             raise SpecError(f"--out: {run_dir} already holds a {saved['job']!r} run; importing "
                             "would overwrite it; choose another --out")
+
+
+def import_teacher(spec: RunSpec, path: Path, run_dir: Path, *, image_size: int = 32,
+                   use_ema: bool = True) -> dict[str, Any]:
+    """Write a teacher run folder from an official Rectified Flow checkpoint, checked in full.
+
+    Re-importing into a folder written by an earlier import replaces it; a folder holding any
+    other run (a trained teacher, a student, samples) is refused rather than overwritten.
+    """
+    from traflow_cli.engine.checkpoint import save_checkpoint
+    from traflow_cli.engine.records import write_spec_record
+    from traflow_cli.interop import read_rectified_flow_checkpoint
+    from traflow_cli.specs import build_spec
+
+    refuse_to_overwrite(run_dir)
     config, state = read_rectified_flow_checkpoint(path, image_size=image_size, use_ema=use_ema)
     net_config = {"kind": "ncsnpp", **config}
     merged = spec.model_dump(mode="json")
