@@ -138,7 +138,8 @@ def test_wrong_files_exit_2_with_one_error_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args", [
-    ["teacher", "import", "edm", "{ckpt}"],                            # unknown family
+    ["teacher", "import", "stylegan", "{ckpt}"],                       # unknown family
+    ["teacher", "import", "edm", "{ckpt}"],                            # not an EDM pickle
     ["teacher", "import", "rectified-flow", "{ckpt}", "--preset", "toy2d"],
     ["teacher", "import", "rectified-flow", "{ckpt}", "--preset", "nope"],
     ["teacher", "import", "rectified-flow", "{ckpt}", "--set", "net.nf=oops"],

@@ -3,7 +3,7 @@
 Notebook API (CPU by default)::
 
     from traflow_cli import load_teacher, load_student
-    teacher = load_teacher("runs/toy2d/teacher")   # teacher.velocity(x, t)
+    teacher = load_teacher("runs/toy2d/teacher")   # teacher.velocity(x, t), teacher.sample(noise)
     student = load_student("runs/toy2d/student")   # student.jump(x, t, s)
 """
 

@@ -68,8 +68,94 @@ def heun_step(velocity: Velocity, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
     return x + 0.5 * h * (v0 + v1)
 
 
-STEPPERS = {"euler": euler_step, "heun": heun_step}
-EVALS_PER_STEP = {"euler": 1, "heun": 2}
+def heun_sigma_step(velocity: Velocity, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    """One Heun step in EDM's coordinates from t [B] to s [B], 0 < t < s <= 1: 2 evaluations.
+
+    With y = x / t and sigma = (1 - t) / t, dx/dt = v(x, t) becomes dy/dsigma = t (y - v(x, t)),
+    which is EDM's (y - D) / sigma for the denoiser D = x + (1 - t) v. The trapezoid is taken in
+    sigma, as EDM's sampler does (a Heun step in t is a different, less accurate step for these
+    teachers). A step to s = 1 (sigma = 0, the data end) is Euler, 1 evaluation, as in EDM: its
+    correction would evaluate the teacher at sigma = 0. An Euler step is the same in both
+    coordinates. Needs t > 0: start the solve at t_min = 1 / (1 + sigma_max), not at 0.
+    """
+    last = s >= 1
+    flags = torch.stack([(t <= 0).any(), last.all()]).tolist()
+    if flags[0]:
+        raise ValueError("heun_sigma steps need t > 0; start the grid at 1 / (1 + sigma_max)")
+    tb, sb = per_sample(t, x), per_sample(s, x)
+    y = x / tb
+    h = (1 - sb) / sb - (1 - tb) / tb  # sigma_s - sigma_t (negative)
+    d0 = tb * (y - velocity(x, t))  # dy/dsigma at t
+    y_euler = y + h * d0
+    if flags[1]:
+        return sb * y_euler
+    d1 = sb * (y_euler - velocity(sb * y_euler, s))
+    y_heun = y + 0.5 * h * (d0 + d1)
+    return torch.where(per_sample(last, x).bool(), sb * y_euler, sb * y_heun)
+
+
+STEPPERS = {"euler": euler_step, "heun": heun_step, "heun_sigma": heun_sigma_step}
+EVALS_PER_STEP = {"euler": 1, "heun": 2, "heun_sigma": 2}
+
+
+def evals_on_grid(method: str, grid: Tensor) -> int:
+    """Velocity evaluations of one solve on `grid` (heun_sigma's step to t = 1 costs one)."""
+    steps = len(grid) - 1
+    if method == "heun_sigma" and steps and float(grid[-1]) >= 1:
+        return 2 * steps - 1
+    return EVALS_PER_STEP[method] * steps
+
+
+# EDM's sampler (Karras et al. 2022) works between these noise levels with rho = 7; an EDM
+# teacher is only evaluated inside them (and inside its own training range).
+EDM_SIGMA_MIN = 0.002
+EDM_SIGMA_MAX = 80.0
+KARRAS_RHO = 7.0
+
+
+def time_of_sigma(sigma: float) -> float:
+    """The time whose EDM noise level is sigma: t = 1 / (1 + sigma) (sigma = (1 - t) / t)."""
+    return 1.0 / (1.0 + sigma)
+
+
+def karras_grid(num_steps: int, *, sigma_min: float = EDM_SIGMA_MIN,
+                sigma_max: float = EDM_SIGMA_MAX, rho: float = KARRAS_RHO,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    """EDM's time steps as times: t_i = 1 / (1 + sigma_i) for i < N, then t_N = 1; [N + 1].
+
+    sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+    falls from sigma_max to sigma_min (N = 1: sigma_max alone); the last step goes to sigma = 0,
+    the data end. Computed in float64, as EDM does, then cast.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    frac = torch.arange(num_steps, dtype=torch.float64) / max(num_steps - 1, 1)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (hi + frac * (lo - hi)) ** rho
+    times = torch.cat([1 / (1 + sigmas), torch.ones(1, dtype=torch.float64)])
+    return times.to(device=device, dtype=dtype)
+
+
+GRIDS = ("uniform", "karras")
+
+
+def solver_grid(kind: str, num_steps: int, *, t_start: float = 0.0,
+                sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX,
+                rho: float = KARRAS_RHO, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> Tensor:
+    """A teacher's time grid [N + 1]: "uniform" from t_start to 1 (t_start = 0 is time_grid), or
+    "karras" (EDM's noise levels between sigma_min and sigma_max; it starts at
+    1 / (1 + sigma_max) whatever t_start is)."""
+    if kind == "uniform":
+        if t_start == 0.0:
+            return time_grid(num_steps, device=device, dtype=dtype)
+        return torch.linspace(t_start, 1.0, num_steps + 1, device=device, dtype=dtype)
+    if kind == "karras":
+        return karras_grid(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                           device=device, dtype=dtype)
+    raise ValueError(f"grid must be one of {GRIDS}, got {kind!r}")
 
 
 def solve_on_grid(velocity: Velocity, x: Tensor, grid: Tensor, *, method: str = "heun") -> Tensor:

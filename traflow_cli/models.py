@@ -12,22 +12,51 @@ from torch import Tensor, nn
 
 from traflow_cli.engine.checkpoint import CheckpointError, run_checkpoint
 from traflow_cli.nets import build_net
-from traflow_cli.sampling import sample_student, student_times
+from traflow_cli.sampling import sample_student, sample_teacher, student_times, teacher_velocity
 from traflow_cli.traflow import call_net, jump
 
 
 class Teacher(nn.Module):
-    """A rectified-flow teacher: velocity(x [B, ...] in [-1, 1], t [B] in [0, 1]) -> [B, ...]."""
+    """A teacher, rectified flow or EDM alike: velocity(x [B, ...] in [-1, 1], t [B] in [0, 1])
+    -> [B, ...], and sample(noise) -> data-end images.
 
-    def __init__(self, net: nn.Module, config: dict) -> None:
+    An EDM network's velocity comes through its preconditioning (nets/edm.py). `native_grid`
+    is the grid the run was made for ("karras" for EDM imports, else "uniform"); `sample`
+    uses it unless told otherwise.
+    """
+
+    def __init__(self, net: nn.Module, config: dict, native_grid: str = "uniform") -> None:
         super().__init__()
         self.net = net
         self.config = config
+        self.native_grid = native_grid
+
+    @property
+    def sigma_range(self) -> tuple[float, float] | None:
+        """An EDM teacher's (sigma_lo, sigma_hi), where it is evaluated; None for a rectified flow."""
+        return getattr(self.net, "sigma_range", None)
 
     def velocity(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """v(x_t, t) [B, ...]; class_labels are integer classes [B] for conditional teachers."""
         return call_net(self.net, x, t, labels=class_labels)
 
     forward = velocity
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, steps: int = 18, solver: str = "heun", grid: str | None = None,
+               class_labels: Tensor | None = None, rtol: float = 1e-5,
+               atol: float = 1e-5) -> Tensor:
+        """Solve the teacher's ODE from noise [B, ...] to the data end (t = 1); returns [B, ...].
+
+        solver: "euler", "heun" (in EDM's coordinates for an EDM teacher) or "rk45" (adaptive:
+        `steps` and `grid` unused); grid: "uniform" or "karras" (default: the native grid). An
+        EDM teacher starts at t_min = 1 / (1 + sigma_max) from (1 - t_min) * noise, so
+        sample(latents, steps=18, solver="heun", grid="karras") is EDM's edm_sampler(latents).
+        """
+        velocity = teacher_velocity(self.net, class_labels)
+        x, _ = sample_teacher(velocity, noise, solver=solver, steps=steps, rtol=rtol, atol=atol,
+                              grid=grid or self.native_grid, sigma_range=self.sigma_range)
+        return x
 
 
 class Student(nn.Module):
@@ -49,8 +78,8 @@ class Student(nn.Module):
         return sample_student(self.net, noise, student_times(nfe), labels=class_labels)
 
 
-def _load_net(run_dir: str | Path, role: str, device: str | torch.device) -> tuple[nn.Module, dict]:
-    """The network of a run folder's latest checkpoint (its EMA weights when saved) and its config."""
+def _load_net(run_dir: str | Path, role: str, device: str | torch.device
+          ) -> tuple[nn.Module, dict, dict[str, str]]:
     ckpt = run_checkpoint(Path(run_dir))
     saved_role = ckpt.metadata.get("role")
     if saved_role != role:
@@ -59,16 +88,16 @@ def _load_net(run_dir: str | Path, role: str, device: str | torch.device) -> tup
     net = build_net(config, target_time=role == "student")
     prefix = "ema" if "ema" in ckpt.prefixes() else "net"
     net.load_state_dict(ckpt.weights(prefix))
-    return net.to(device).eval().requires_grad_(False), config
+    return net.to(device).eval().requires_grad_(False), config, ckpt.metadata
 
 
 def load_teacher(run_dir: str | Path, device: str | torch.device = "cpu") -> Teacher:
     """The teacher of a `traflow teacher train|import` run folder (its EMA weights)."""
-    net, config = _load_net(run_dir, "teacher", device)
-    return Teacher(net, config).eval()
+    net, config, metadata = _load_net(run_dir, "teacher", device)
+    return Teacher(net, config, native_grid=metadata.get("native_grid", "uniform")).eval()
 
 
 def load_student(run_dir: str | Path, device: str | torch.device = "cpu") -> Student:
     """The student of a `traflow distill` run folder (its evaluation-EMA weights)."""
-    net, config = _load_net(run_dir, "student", device)
+    net, config, _ = _load_net(run_dir, "student", device)
     return Student(net, config).eval()

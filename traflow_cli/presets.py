@@ -160,20 +160,39 @@ def resolve_with_teacher(preset: str | None, overrides: list[str] | None = None,
                         f"the preset it was made with (--preset "
                         f"{record['spec'].get('preset', '?')}), or leave --preset out")
     raw["net"] = copy.deepcopy(net)
+    size = net.get("image_size")
+    if size is not None:  # the teacher's network fixes the resolution its data must have
+        asked = dict(_requests(overrides, values, "data.resolution"))
+        if asked and asked["data.resolution"] != size:
+            raise SpecError(f"data.resolution: {asked['data.resolution']!r} differs from the "
+                            f"teacher's image size ({size} in {teacher}); drop this --set")
+        raw.setdefault("data", {})["resolution"] = size
     return build_spec(raw)
+
+
+def _requests(overrides: list[str] | None, values: dict[str, Any] | None,
+              prefix: str) -> list[tuple[str, Any]]:
+    """The (dotted key, value) pairs under `prefix` a command line asks for, parsed as --set
+    parses them, in the order they apply."""
+    def wanted(key: str) -> bool:
+        return key == prefix or key.startswith(prefix + ".")
+
+    asked = [(k, v) for k, v in (values or {}).items() if wanted(k) and v is not None]
+    for assignment in overrides or []:
+        key, sep, value = assignment.partition("=")
+        if sep and wanted(key.strip()):
+            asked.append((key.strip(), parse_value(value.strip())))
+    return asked
 
 
 def _net_requests(overrides: list[str] | None,
                   values: dict[str, Any] | None) -> list[tuple[str, Any]]:
-    """The (`net.key`, value) pairs a command line asks for, parsed as --set parses them."""
-    asked = [(k, v) for k, v in (values or {}).items() if k.startswith("net.") and v is not None]
-    for assignment in overrides or []:
-        key, sep, value = assignment.partition("=")
-        if sep and key.strip().startswith("net."):
-            asked.append((key.strip(), parse_value(value.strip())))
-        elif sep and key.strip() == "net":
-            raise SpecError(f"--set {assignment!r}: the student takes its teacher's network; "
-                            "drop this --set")
+    """The (`net.key`, value) pairs a command line asks for; a whole `net=` is refused."""
+    asked = _requests(overrides, values, "net")
+    for key, _ in asked:
+        if key == "net":
+            raise SpecError("--set net=...: the student takes its teacher's network; drop this "
+                            "--set")
     return asked
 
 

@@ -8,7 +8,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from traflow_cli.flow import EVALS_PER_STEP, RowVelocity, Velocity, solve_on_grid, solve_rk45
+from traflow_cli.flow import (
+    EDM_SIGMA_MAX,
+    EDM_SIGMA_MIN,
+    EVALS_PER_STEP,
+    RowVelocity,
+    Velocity,
+    evals_on_grid,
+    solve_on_grid,
+    solve_rk45,
+    solver_grid,
+    time_of_sigma,
+)
 from traflow_cli.times import check_sampling_times
 from traflow_cli.traflow import jump
 
@@ -72,16 +83,61 @@ def sample_student(net: nn.Module, noise: Tensor, times: Tensor, *, labels: Tens
     return x
 
 
-@torch.no_grad()
-def sample_teacher(velocity: Velocity, noise: Tensor, *, solver: str = "euler", steps: int = 100,
-                   rtol: float = 1e-5, atol: float = 1e-5) -> tuple[Tensor, int]:
-    """Solve the teacher ODE from noise (t = 0) to data (t = 1); returns (samples, NFE used)."""
-    if solver == "rk45":
-        return solve_rk45(velocity, noise, rtol=rtol, atol=atol)
+# An EDM teacher's (sigma_lo, sigma_hi), the noise levels it is evaluated between (EDMNet's
+# sigma_range); None for a rectified flow, whose velocity is defined on all of [0, 1].
+SigmaRange = tuple[float, float] | None
+
+
+def teacher_start_time(grid: str, sigma_range: SigmaRange) -> float:
+    """Where a teacher solve starts: t = 0 for a rectified flow on a uniform grid, else
+    t_min = 1 / (1 + sigma_max), where EDM's sampler starts (sigma_max = 80 unless the teacher's
+    range ends lower)."""
+    if sigma_range is None and grid == "uniform":
+        return 0.0
+    return time_of_sigma((sigma_range or (EDM_SIGMA_MIN, EDM_SIGMA_MAX))[1])
+
+
+def teacher_grid(grid: str, steps: int, sigma_range: SigmaRange = None, *,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    """A teacher's time grid [steps + 1]: "uniform" (from teacher_start_time to 1) or "karras"
+    (EDM's noise levels in the teacher's range, or EDM's 0.002 .. 80 for a rectified flow)."""
+    lo, hi = sigma_range or (EDM_SIGMA_MIN, EDM_SIGMA_MAX)
+    return solver_grid(grid, steps, t_start=teacher_start_time(grid, sigma_range), sigma_min=lo,
+                       sigma_max=hi, device=device, dtype=dtype)
+
+
+def teacher_stepper(solver: str, sigma_range: SigmaRange) -> str:
+    """The flow.STEPPERS name of a solver for a teacher: Heun in EDM's coordinates for an EDM
+    teacher (as EDM's sampler; a Heun step in t is a different step there), else as named."""
     if solver not in EVALS_PER_STEP:
         raise ValueError(f"solver must be one of {TEACHER_SOLVERS}, got {solver!r}")
-    grid = torch.linspace(0.0, 1.0, steps + 1, device=noise.device)
-    return solve_on_grid(velocity, noise, grid, method=solver), EVALS_PER_STEP[solver] * steps
+    return "heun_sigma" if solver == "heun" and sigma_range is not None else solver
+
+
+def start_state(noise: Tensor, t_start: float | Tensor) -> Tensor:
+    """The path's state at t_start for this noise, ignoring the data term: (1 - t) * noise."""
+    return noise if float(t_start) == 0.0 else (1 - t_start) * noise
+
+
+@torch.no_grad()
+def sample_teacher(velocity: Velocity, noise: Tensor, *, solver: str = "euler", steps: int = 100,
+                   rtol: float = 1e-5, atol: float = 1e-5, grid: str = "uniform",
+                   sigma_range: SigmaRange = None) -> tuple[Tensor, int]:
+    """Solve the teacher ODE from noise to data (t = 1); returns (samples, NFE used).
+
+    A rectified flow (sigma_range None) on a uniform grid, or by RK45, starts at t = 0 from the
+    noise itself. An EDM teacher (its sigma_range), or a Karras grid, starts at
+    t_min = 1 / (1 + sigma_max) from (1 - t_min) * noise, EDM's sigma_max * noise in its
+    scale; with grid="karras" and solver="heun" on an EDM teacher, `steps` steps give EDM's
+    deterministic `edm_sampler` with num_steps=steps.
+    """
+    if solver == "rk45":
+        t0 = teacher_start_time(grid, sigma_range) if sigma_range is not None else 0.0
+        return solve_rk45(velocity, start_state(noise, t0), t0=t0, rtol=rtol, atol=atol)
+    method = teacher_stepper(solver, sigma_range)
+    times = teacher_grid(grid, steps, sigma_range, device=noise.device)
+    x = solve_on_grid(velocity, start_state(noise, times[0]), times, method=method)
+    return x, evals_on_grid(method, times)
 
 
 def teacher_velocity(net: nn.Module, labels: Tensor | None = None) -> Velocity:

@@ -91,7 +91,95 @@ class NCSNppNetSpec(Section):
     num_classes: NonNegativeInt = 0
 
 
-NetSpec = Annotated[MLPNetSpec | NCSNppNetSpec, Field(discriminator="kind")]
+class SongUNetSpec(Section):
+    """NVlabs/edm's SongUNet: DDPM++ (positional, standard, [1, 1]) or NCSN++ (fourier,
+    channel_mult_noise 2, residual, [1, 3, 3, 1]); defaults are EDM's."""
+
+    type: Literal["SongUNet"] = "SongUNet"
+    augment_dim: NonNegativeInt = 0
+    model_channels: PositiveInt = 128
+    channel_mult: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 2, 2, 2]
+    channel_mult_emb: PositiveInt = 4
+    num_blocks: PositiveInt = 4
+    attn_resolutions: list[PositiveInt] = [16]
+    dropout: Unit = 0.10
+    label_dropout: Unit = 0.0
+    embedding_type: Literal["positional", "fourier"] = "positional"
+    channel_mult_noise: PositiveInt = 1
+    encoder_type: Literal["standard", "skip", "residual"] = "standard"
+    decoder_type: Literal["standard", "skip"] = "standard"
+    resample_filter: Annotated[list[PositiveFloat], Field(min_length=1)] = [1, 1]
+
+
+class DhariwalUNetSpec(Section):
+    """NVlabs/edm's DhariwalUNet (ADM); defaults are the official ImageNet-64 network's."""
+
+    type: Literal["DhariwalUNet"] = "DhariwalUNet"
+    augment_dim: NonNegativeInt = 0
+    model_channels: PositiveInt = 192
+    channel_mult: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 2, 3, 4]
+    channel_mult_emb: PositiveInt = 4
+    num_blocks: PositiveInt = 3
+    attn_resolutions: list[PositiveInt] = [32, 16, 8]
+    dropout: Unit = 0.10
+    label_dropout: Unit = 0.0
+
+
+class EDMPrecondSpec(Section):
+    """EDMPrecond; sigma_max null means no upper limit (EDM's default, infinity)."""
+
+    kind: Literal["edm"] = "edm"
+    sigma_data: PositiveFloat = 0.5
+    sigma_min: NonNegativeFloat = 0.0
+    sigma_max: PositiveFloat | None = None
+
+
+class VPPrecondSpec(Section):
+    """VPPrecond: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) on [epsilon_t, 1]."""
+
+    kind: Literal["vp"] = "vp"
+    beta_d: PositiveFloat = 19.9
+    beta_min: NonNegativeFloat = 0.1
+    M: Annotated[int, Field(ge=2)] = 1000
+    epsilon_t: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5
+
+
+class VEPrecondSpec(Section):
+    """VEPrecond: noise levels sigma_min .. sigma_max."""
+
+    kind: Literal["ve"] = "ve"
+    sigma_min: PositiveFloat = 0.02
+    sigma_max: PositiveFloat = 100.0
+
+
+class EDMNetSpec(Section):
+    """An NVlabs/edm network (written by `traflow teacher import edm`): a preconditioning around
+    a U-Net, run as a rectified-flow velocity (nets/edm.py). num_classes is EDM's label_dim."""
+
+    kind: Literal["edm"] = "edm"
+    image_size: PositiveInt = 32
+    in_channels: PositiveInt = 3
+    num_classes: NonNegativeInt = 0
+    precond: Annotated[EDMPrecondSpec | VPPrecondSpec | VEPrecondSpec,
+                       Field(discriminator="kind")] = EDMPrecondSpec()
+    model: Annotated[SongUNetSpec | DhariwalUNetSpec, Field(discriminator="type")] = SongUNetSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tags(cls, raw: Any) -> Any:
+        # A section given without its tag (e.g. only --set net.model.dropout=0) takes the default.
+        if isinstance(raw, dict):
+            raw = dict(raw)
+            for key, tag, default in (("model", "type", "SongUNet"), ("precond", "kind", "edm")):
+                if isinstance(raw.get(key), dict) and tag not in raw[key]:
+                    raw[key] = {tag: default, **raw[key]}
+        return raw
+
+
+NetSpec = Annotated[MLPNetSpec | NCSNppNetSpec | EDMNetSpec, Field(discriminator="kind")]
+# Tags pydantic inserts in error locations for these tagged unions (net.edm.model.SongUNet...).
+_UNION_TAGS = {"net": ("mlp", "ncsnpp", "edm"), "precond": ("edm", "vp", "ve"),
+               "model": ("SongUNet", "DhariwalUNet")}
 
 
 class TrainingSpec(Section):
@@ -286,9 +374,10 @@ def describe_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
-        # Drop the discriminator tag pydantic inserts for tagged unions (net.mlp.hidden).
-        if len(loc) > 1 and loc[0] == "net" and loc[1] in ("mlp", "ncsnpp"):
-            loc.pop(1)
+        # Drop the discriminator tags pydantic inserts for tagged unions (net.mlp.hidden).
+        if loc and loc[0] == "net":
+            loc = [part for i, part in enumerate(loc)
+                   if i == 0 or part not in _UNION_TAGS.get(loc[i - 1], ())]
         field = ".".join(loc) or "spec"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

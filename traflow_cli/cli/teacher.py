@@ -41,40 +41,61 @@ def train_command(
     o.emit(result, as_json, render.training_summary)
 
 
+FAMILIES = ("rectified-flow", "edm")
+
+
 @app.command("import")
 def import_command(
     source: Annotated[str, typer.Argument(
-        help="Checkpoint family; 'rectified-flow' (the official Rectified Flow .pth files).")],
+        help="Checkpoint family: 'rectified-flow' (the official Rectified Flow .pth files) or "
+        "'edm' (NVlabs/edm network pickles, read without running any code in them).")],
     path: Annotated[Path, typer.Argument(help="The checkpoint file.", show_default=False)],
     out: o.Out = None,
-    preset: o.Preset = "cifar10",
+    preset: Annotated[str | None, typer.Option(
+        "--preset", "-p", help="Preset name or .toml file. (default: cifar10; for edm the preset "
+        "the network fits: cifar10, ffhq64 or imagenet64)", show_default=False)] = None,
     sets: o.Sets = None,
-    image_size: Annotated[int, typer.Option(
-        "--image-size", help="Image resolution (the weights do not record it).")] = 32,
+    image_size: Annotated[int | None, typer.Option(
+        "--image-size", help="Image resolution of a rectified-flow checkpoint (its weights do "
+        "not record it). (default: 32)", show_default=False)] = None,
     raw_weights: Annotated[bool, typer.Option(
-        "--raw-weights", help="Take the trained weights instead of their EMA.")] = False,
+        "--raw-weights", help="Take the trained weights instead of their EMA (rectified-flow "
+        "only).")] = False,
     as_json: o.Json = False,
 ) -> None:
     """Import a foreign checkpoint as a traflow teacher run folder (checked name by name)."""
-    if source != "rectified-flow":
-        o.err(f"error: source: unknown checkpoint family {source!r}; supported: rectified-flow")
+    if source not in FAMILIES:
+        o.err(f"error: source: unknown checkpoint family {source!r}; supported: "
+              f"{', '.join(FAMILIES)}")
         raise typer.Exit(o.EXIT_USAGE)
-    # Validated by the job once the file has said what the network is: the preset's own `net`
-    # section is replaced by it, so it must not be checked against the data first.
     for assignment in sets or []:
         if assignment.partition("=")[0].strip().split(".")[0] == "net":
             o.err(f"error: --set {assignment.partition('=')[0].strip()}: an imported teacher's "
-                  "network is read from its file; drop this --set (use --image-size for its "
-                  "resolution)")
+                  "network is read from its file; drop this --set")
             raise typer.Exit(o.EXIT_USAGE)
-    raw = o.raw_spec(preset, sets, values={"data.resolution": image_size})
+    run_dir = out or Path("runs") / f"imported-{path.stem}"
+    if source == "edm":
+        if image_size is not None or raw_weights:
+            flag = "--image-size" if image_size is not None else "--raw-weights"
+            o.err(f"error: {flag}: not for edm snapshots, which record their resolution and "
+                  "hold only the EMA network; drop it")
+            raise typer.Exit(o.EXIT_USAGE)
+        from traflow_cli.jobs.import_edm import import_edm_teacher
+
+        with o.user_errors():
+            result = import_edm_teacher(path, run_dir, preset=preset, sets=sets)
+        o.emit(result, as_json, lambda r: render.key_values("imported teacher", r))
+        return
+    image_size = image_size or 32
+    # Validated by the job once the file has said what the network is: the preset's own `net`
+    # section is replaced by it, so it must not be checked against the data first.
+    raw = o.raw_spec(preset or "cifar10", sets, values={"data.resolution": image_size})
     if raw.get("data", {}).get("name", "ring8") in TOY_DATASETS:
         o.err(f"error: --preset: {raw.get('preset', preset)!r} is a toy (2-D) preset; an imported "
               "image teacher needs an image preset, e.g. --preset cifar10")
         raise typer.Exit(o.EXIT_USAGE)
     from traflow_cli.jobs.teacher import import_teacher
 
-    run_dir = out or Path("runs") / f"imported-{path.stem}"
     with o.user_errors():
         result = import_teacher(raw, path, run_dir, image_size=image_size,
                                 use_ema=not raw_weights)

@@ -104,8 +104,6 @@ def import_teacher(raw: dict[str, Any], path: Path, run_dir: Path, *, image_size
     Re-importing into a folder written by an earlier import replaces it; a folder holding any
     other run (a trained teacher, a student, samples) is refused rather than overwritten.
     """
-    from traflow_cli.engine.checkpoint import save_checkpoint
-    from traflow_cli.engine.records import write_spec_record
     from traflow_cli.interop import read_rectified_flow_checkpoint
     from traflow_cli.specs import build_spec
 
@@ -115,17 +113,28 @@ def import_teacher(raw: dict[str, Any], path: Path, run_dir: Path, *, image_size
     spec = build_spec({**raw, "net": net_config})  # one line per field
     net = build_net(net_config)
     net.load_state_dict(state)  # strict: every name and shape was checked by the reader too
+    metadata = net_metadata(spec.net_config(), "teacher", source=str(path),
+                            weights="ema" if use_ema else "raw")
+    summary = {"job": "teacher-import", "source": str(path),
+               "parameters": sum(p.numel() for p in net.parameters()), **config}
+    return write_teacher_import(run_dir, spec, net.state_dict(), metadata, summary)
+
+
+def write_teacher_import(run_dir: Path, spec: RunSpec, weights: dict[str, Tensor],
+                         metadata: dict[str, str], summary: dict[str, Any]) -> dict[str, Any]:
+    """An imported teacher's run folder: spec.json, one checkpoint (the weights as `ema`) and
+    summary.json, written under the folder's lock once the file has been checked in full."""
+    from traflow_cli.engine.checkpoint import save_checkpoint
+    from traflow_cli.engine.records import write_spec_record
+
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
         check_import_target(run_dir)  # again: another process may have started meanwhile
         write_spec_record(run_dir, job="teacher", spec=spec.model_dump(mode="json"),
                           fingerprint=spec.fingerprint(SECTIONS))
-        ckpt = save_checkpoint(run_dir / "checkpoints", step=0, modules={"ema": net.state_dict()},
-                               trainer_state={}, metadata=net_metadata(
-                                   spec.net_config(), "teacher", source=str(path),
-                                   weights="ema" if use_ema else "raw"))
-        summary = {"job": "teacher-import", "source": str(path), "checkpoint": str(ckpt),
-                   "parameters": sum(p.numel() for p in net.parameters()), **config}
+        ckpt = save_checkpoint(run_dir / "checkpoints", step=0, modules={"ema": weights},
+                               trainer_state={}, metadata=metadata)
+        summary = {**summary, "checkpoint": str(ckpt)}
         write_summary(run_dir, summary)
     return summary
 

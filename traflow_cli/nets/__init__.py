@@ -22,7 +22,11 @@ def build_net(config: dict[str, Any], *, target_time: bool = False) -> nn.Module
             if key in kwargs:
                 kwargs[key] = tuple(kwargs[key])
         return NCSNpp(target_time=target_time, **kwargs)
-    raise ValueError(f"unknown network kind {kind!r}; expected 'mlp' or 'ncsnpp'")
+    if kind == "edm":
+        from traflow_cli.nets.edm import EDMNet
+
+        return EDMNet(target_time=target_time, **kwargs)
+    raise ValueError(f"unknown network kind {kind!r}; expected 'mlp', 'ncsnpp' or 'edm'")
 
 
 def student_from_teacher(teacher: nn.Module, config: dict[str, Any]) -> nn.Module:
