@@ -64,7 +64,8 @@ def assert_same_logs(one: Path, two: Path, steps: int) -> None:
 
 def assert_rank0_files(run: Path, steps: int) -> None:
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names == ["latest", f"step-{steps:09d}.safetensors", f"step-{steps:09d}.state.pt"]
+    assert names == ["latest", f"step-{steps:09d}.manifest.json", f"step-{steps:09d}.safetensors",
+                     f"step-{steps:09d}.state.pt"]
     assert not [p for p in run.rglob(".*tmp*")]
 
 

@@ -1,0 +1,230 @@
+"""The CIFAR-10 CPU study: teacher, student, samples, FID and agreement, resumably.
+
+Every stage is a `traflow` command (the same code a user runs) or a small measurement on the
+files they wrote, and every stage is skipped when its output is complete, so re-running the
+study after a kill continues where it stopped (train, distill and sample resume on their own).
+What it writes, under STUDY_DIR (default runs/cifar10-cpu-study):
+
+    teacher/, student/, student-wvel0/, student-wsc0/   run folders
+    reference/                                          10,000 training images at 16x16 (PNG)
+    samples/NAME/                                       `traflow sample` folders (+ fid.json)
+    results.json, results.md, grid.png, timings.json    the study's answer
+
+Usage: python benchmarks/cifar10_cpu_study.py [--study-dir DIR] [--data ZIP] [--samples N]
+       [--no-ablations] [--quick]    (--quick: a few steps of everything, for the test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg-train.zip"
+PRESET = "cifar10-cpu"
+
+
+@dataclass
+class Study:
+    root: Path
+    data: Path
+    samples: int = 5000
+    reference: int = 10_000
+    ablations: bool = True
+    quick: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def traflow(self, stage: str, *args: object) -> str:
+        """Run `traflow ARGS` (stdout returned), adding its wall time to the stage's total."""
+        command = [sys.executable, "-m", "traflow_cli", *map(str, args)]
+        print(f"[study] {stage}: traflow {' '.join(map(str, args))}", file=sys.stderr, flush=True)
+        began = time.perf_counter()
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        self.add_time(stage, time.perf_counter() - began)
+        if done.returncode != 0:
+            raise SystemExit(f"[study] {stage} failed (exit {done.returncode}); fix the cause and "
+                             "re-run the study to continue")
+        return done.stdout
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        path = self.root / "timings.json"
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        saved[stage] = round(saved.get(stage, 0.0) + seconds, 1)
+        self.root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+        self.timings = saved
+
+    def sets(self, *pairs: str) -> list[str]:
+        return [a for pair in pairs for a in ("--set", pair)]
+
+    @property
+    def common(self) -> list[str]:
+        """Settings every command shares: the data, and the shortened run for --quick."""
+        quick = self.sets("teacher.duration_steps=20", "teacher.checkpoint_every_steps=10",
+                          "teacher.log_every_steps=10", "distill.duration_steps=4",
+                          "distill.trajectory_cache=16", "distill.checkpoint_every_steps=2",
+                          "distill.log_every_steps=2", "distill.grid_steps=4",
+                          "data.preload=false") if self.quick else []
+        return ["--preset", PRESET, *self.sets(f"data.path={self.data}"), *quick]
+
+    # -- stages -----------------------------------------------------------------------------
+    def train_teacher(self) -> None:
+        if not (self.root / "teacher" / "summary.json").is_file():
+            self.traflow("teacher", "teacher", "train", "--out", self.root / "teacher",
+                         *self.common)
+
+    def distill(self, name: str, *extra: str) -> None:
+        if not (self.root / name / "summary.json").is_file():
+            self.traflow(name, "distill", "--teacher", self.root / "teacher", "--out",
+                         self.root / name, *self.common, *self.sets(*extra))
+
+    def export_reference(self) -> Path:
+        """Every fifth training image (1,000 per class), downscaled as the teacher saw them."""
+        folder = self.root / "reference"
+        count = 16 if self.quick else self.reference
+        if len(list(folder.glob("*.png"))) == count:
+            return folder
+        sys.path.insert(0, str(REPO))
+        from traflow_cli.data.images import open_image_dataset
+
+        began = time.perf_counter()
+        folder.mkdir(parents=True, exist_ok=True)
+        dataset = open_image_dataset("cifar10", path=self.data, resolution=16)
+        stride = len(dataset) // count
+        images, _ = dataset.get_batch(range(0, stride * count, stride))
+        for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
+            Image.fromarray(image).save(folder / f"{i:06d}.png")
+        self.add_time("reference", time.perf_counter() - began)
+        return folder
+
+    def sample(self, name: str, run: str, *args: object) -> Path:
+        out = self.root / "samples" / name
+        count = 8 if self.quick else self.samples
+        summary = out / "summary.json"
+        if not (summary.is_file() and json.loads(summary.read_text())["num_samples"] == count):
+            self.traflow(f"sample {name}", "sample", self.root / run, "-n", count, "--out", out,
+                         *args)
+        return out
+
+    def fid(self, name: str, samples: Path, reference: Path) -> dict:
+        path = samples / "fid.json"
+        if not path.is_file():
+            self.traflow(f"fid {name}", "eval", "fid", samples, "--ref", reference, "--offline",
+                         "--json")
+        return json.loads(path.read_text())
+
+    # -- the whole study --------------------------------------------------------------------
+    def run(self) -> dict:
+        self.train_teacher()
+        self.distill("student")
+        if self.ablations:
+            self.distill("student-wvel0", "distill.w_vel=0")
+            self.distill("student-wsc0", "distill.w_sc=0")
+        rows = [("teacher", "euler", k, self.sample(f"teacher-euler{k}", "teacher", "--solver",
+                                                     "euler", "--steps", k)) for k in (1, 2, 4, 8)]
+        rows.append(("teacher", "rk45", None, self.sample("teacher-rk45", "teacher",
+                                                            "--solver", "rk45")))
+        students = [("student", (1, 2, 4))]
+        if self.ablations:
+            students += [("student-wvel0", (1, 2)), ("student-wsc0", (1, 2))]
+        for run, nfes in students:
+            rows += [(run, "jump", k, self.sample(f"{run}-nfe{k}", run, "--nfe", k)) for k in nfes]
+        reference = self.export_reference()
+        rk45 = rows[4][3]
+        results = []
+        for model, solver, _, folder in rows:
+            summary = json.loads((folder / "summary.json").read_text())
+            fid = self.fid(folder.name, folder, reference)
+            results.append({"model": model, "solver": solver, "nfe": summary["nfe"],
+                            "samples": folder.name, "fid": fid["fid"],
+                            "num_samples": fid["num_samples"],
+                            "psnr_vs_rk45_db": psnr_folders(folder, rk45),
+                            "sample_seconds": summary["seconds"]})
+        return self.report(results, reference)
+
+    def report(self, results: list[dict], reference: Path) -> dict:
+        teacher = json.loads((self.root / "teacher" / "summary.json").read_text())
+        out = {"preset": PRESET, "data": str(self.data), "reference_images": str(reference),
+               "reference_count": len(list(reference.glob("*.png"))),
+               "teacher_steps": teacher["steps"], "rows": results, "timings_s": self.timings,
+               "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
+               "quick": self.quick}
+        (self.root / "results.json").write_text(json.dumps(out, indent=1) + "\n")
+        (self.root / "results.md").write_text(markdown_table(out))
+        save_grid(self.root / "grid.png", [self.root / "samples" / name / "images" for name in
+                                           ("teacher-rk45", "teacher-euler1", "student-nfe1",
+                                            "student-nfe2")])
+        return out
+
+
+def psnr_folders(folder: Path, reference: Path) -> float:
+    """PSNR (dB, peak 255) of a sample folder's PNGs against the same indices in `reference`."""
+    names = sorted(p.name for p in (reference / "images").glob("*.png"))
+    err, count = 0.0, 0
+    for name in names:
+        a = np.asarray(Image.open(folder / "images" / name), dtype=np.float64)
+        b = np.asarray(Image.open(reference / "images" / name), dtype=np.float64)
+        err += float(((a - b) ** 2).sum())
+        count += a.size
+    mse = err / count
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def save_grid(path: Path, folders: list[Path], columns: int = 10) -> None:
+    """One row per folder (the same first `columns` sample indices), 2x upscaled, 2 px gaps."""
+    tiles = [[np.asarray(Image.open(f / f"{i:06d}.png")) for i in range(columns)] for f in folders]
+    size, gap = tiles[0][0].shape[0] * 2, 2
+    canvas = np.full(((size + gap) * len(tiles) - gap, (size + gap) * columns - gap, 3), 255,
+                     dtype=np.uint8)
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            big = np.asarray(Image.fromarray(tile).resize((size, size), Image.Resampling.NEAREST))
+            canvas[r * (size + gap):r * (size + gap) + size,
+                   c * (size + gap):c * (size + gap) + size] = big
+    Image.fromarray(canvas).save(path)
+
+
+def markdown_table(out: dict) -> str:
+    lines = ["| model | sampler | NFE | FID | PSNR vs RK45 (dB) |", "|---|---|---:|---:|---:|"]
+    for r in out["rows"]:
+        psnr = "(reference)" if r["samples"] == "teacher-rk45" else f"{r['psnr_vs_rk45_db']:.2f}"
+        lines.append(f"| {r['model']} | {r['solver']} | {r['nfe']:g} | {r['fid']:.2f} | {psnr} |")
+    count = out["rows"][0]["num_samples"]
+    lines.append("")
+    lines.append(f"FID: {count:,} samples against {out['reference_count']:,} CIFAR-10 training "
+                 "images (JPEG copy) at 16x16, clean-fid legacy_tensorflow protocol, offline "
+                 "Inception. PSNR: the same noise through the teacher's RK45 solve.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study-dir", type=Path, default=REPO / "runs" / "cifar10-cpu-study")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if not args.data.is_file():
+        raise SystemExit(f"--data: no CIFAR-10 zip at {args.data}; pass the EDM-layout zip "
+                         "(../shared/data/cifar10-jpeg-train.zip)")
+    study = Study(root=args.study_dir, data=args.data.resolve(), samples=args.samples,
+                  ablations=not (args.no_ablations or args.quick), quick=args.quick)
+    out = study.run()
+    print((study.root / "results.md").read_text())
+    print(json.dumps({"results": str(study.root / "results.json"), "rows": len(out["rows"])}))
+
+
+if __name__ == "__main__":
+    main()
