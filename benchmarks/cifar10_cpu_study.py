@@ -71,10 +71,11 @@ class Study:
     @property
     def common(self) -> list[str]:
         """Settings every command shares: the data, and the shortened run for --quick."""
-        quick = self.sets("teacher.duration_steps=20", "teacher.checkpoint_every_steps=10",
-                          "teacher.log_every_steps=10", "distill.duration_steps=4",
-                          "distill.trajectory_cache=16", "distill.checkpoint_every_steps=2",
-                          "distill.log_every_steps=2", "distill.grid_steps=4",
+        quick = self.sets("teacher.duration_steps=4", "teacher.batch_size=8",
+                          "teacher.checkpoint_every_steps=2", "teacher.log_every_steps=2",
+                          "distill.duration_steps=2", "distill.batch_size=4",
+                          "distill.trajectory_cache=8", "distill.checkpoint_every_steps=1",
+                          "distill.log_every_steps=1", "distill.grid_steps=2",
                           "data.preload=false") if self.quick else []
         return ["--preset", PRESET, *self.sets(f"data.path={self.data}"), *quick]
 
@@ -183,6 +184,7 @@ def psnr_folders(folder: Path, reference: Path) -> float:
 
 def save_grid(path: Path, folders: list[Path], columns: int = 10) -> None:
     """One row per folder (the same first `columns` sample indices), 2x upscaled, 2 px gaps."""
+    columns = min(columns, *(len(list(f.glob("*.png"))) for f in folders))
     tiles = [[np.asarray(Image.open(f / f"{i:06d}.png")) for i in range(columns)] for f in folders]
     size, gap = tiles[0][0].shape[0] * 2, 2
     canvas = np.full(((size + gap) * len(tiles) - gap, (size + gap) * columns - gap, 3), 255,
