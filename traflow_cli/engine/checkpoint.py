@@ -222,16 +222,18 @@ def _pointer(folder: Path) -> str | None:
 
 
 def latest_checkpoint(folder: Path) -> Checkpoint | None:
-    """The newest checkpoint that verifies: the one `latest` names, else the newest by step.
+    """The newest checkpoint that verifies; `latest` is a hint, checked after the files on disk.
 
     Damaged ones are passed over (listed in the result's `skipped`, and logged as one warning
     line each); None when the folder holds no checkpoint at all. When checkpoints exist but none
     verifies, that is a CheckpointError naming what is wrong with the newest.
     """
+    # Newest first. `latest` is only a hint: a kill between a checkpoint's manifest and the
+    # pointer's move leaves a newer complete checkpoint, and one without its manifest is an
+    # unfinished write that must be reported, not silently overwritten by the resumed run.
+    on_disk = [_stem(s) for s in sorted(_steps(folder), reverse=True)]
     pointed = _pointer(folder)
-    stems = list(dict.fromkeys(([pointed] if pointed else []) +
-                               [_stem(s) for s in _steps(folder)]))
-    # A pointer newer than every checkpoint on disk cannot happen; older ones come after it.
+    stems = on_disk + ([pointed] if pointed and pointed not in on_disk else [])
     skipped: list[str] = []
     for stem in stems:
         problem = _verify(folder, stem)
