@@ -1,12 +1,29 @@
-"""`traflow distill`: TraFlow distillation of a teacher run into a few-step student."""
+"""`traflow distill`: TraFlow distillation of a teacher run into a few-step student.
+
+One step (`build_distill_step`'s `step_fn`), top to bottom; every random draw derives from
+(seed, step), so a resumed run repeats exactly the steps an uninterrupted one takes:
+1. reseed dropout from (seed, rank, step); draw the step's times on the teacher's grid
+   (t, u, s, the chord time r and s_vel, the anchor time) for the global batch, keep this rank's rows;
+2. noise: rows of the trajectory cache (with their teacher trajectories and classes), or fresh
+   noise (and classes drawn uniformly for a class-conditional teacher); data when a term reads it;
+3. the teacher's side, without gradient: its trajectory on the grid (solved now unless cached),
+   then the targets: x_t, the G^- ends of L_out and L_sc, the chord of L_vel (traflow.py);
+4. the student's side: its terms against those targets, the adaptive lambda, the total;
+5. backward, then the optimiser step (learning-rate warm-up, gradient clipping), then the
+   target EMA G^- and the evaluation EMA.
+`traflow bench` times this same step function (jobs/bench.py).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from traflow_cli.api import load_teacher
 from traflow_cli.engine.checkpoint import run_checkpoint
@@ -14,8 +31,9 @@ from traflow_cli.engine.distributed import all_mean, gather_shards, rank, shard,
 from traflow_cli.engine.ema import make_ema, update_ema
 from traflow_cli.engine.loop import TrainTask, train
 from traflow_cli.engine.records import atomic_write_bytes, write_summary
+from traflow_cli.engine.runtime import Runtime
 from traflow_cli.flow import time_grid, trajectory_on_grid
-from traflow_cli.jobs.batches import global_normal, make_batch_source
+from traflow_cli.jobs.batches import BatchSource, global_normal, make_batch_source
 from traflow_cli.jobs.common import (
     make_optimizer,
     net_metadata,
@@ -29,19 +47,21 @@ from traflow_cli.nets import student_from_teacher
 from traflow_cli.sampling import teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
 from traflow_cli.specs import DistillSpec, RunSpec, SpecError, check_teacher_run
-from traflow_cli.traflow import TraFlowConfig, draw_times, traflow_loss
+from traflow_cli.traflow import TraFlowConfig, draw_times, start_state, traflow_loss
 
 SECTIONS = ("seed", "data", "net", "distill")
 
 
-def traflow_config(cfg: DistillSpec) -> TraFlowConfig:
-    """The method's own config from the spec section of the same field names."""
-    return TraFlowConfig(
-        grid_steps=cfg.grid_steps, teacher_solver=cfg.teacher_solver, start=cfg.start,
-        w_out=cfg.w_out, w_vel=cfg.w_vel, w_sc=cfg.w_sc, w_fm=cfg.w_fm,
-        lambda_vel=None if cfg.lambda_vel == "adaptive" else float(cfg.lambda_vel),
-        lambda_clip=cfg.lambda_clip, distance=cfg.distance, huber_c=cfg.huber_c,
-        derivative=cfg.derivative, fd_step=cfg.fd_step)
+def traflow_config(section: DistillSpec) -> TraFlowConfig:
+    """The method's config from the spec section: every TraFlowConfig field, by name (the spec
+    defines each with the same default; tests/test_traflow.py checks it)."""
+    return TraFlowConfig(**{f.name: getattr(section, f.name)
+                            for f in dataclasses.fields(TraFlowConfig)})
+
+
+def teacher_grid(section: DistillSpec, device: torch.device | str = "cpu") -> Tensor:
+    """The teacher's time grid tau_0 < ... < tau_N = 1 [N + 1]: uniform in t today."""
+    return time_grid(section.grid_steps, device=device)
 
 
 def with_teacher_net(spec: RunSpec) -> RunSpec:
@@ -54,36 +74,37 @@ def with_teacher_net(spec: RunSpec) -> RunSpec:
 
 
 def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, seed: int,
-                         tf: TraFlowConfig, device: torch.device, cache_file: Path,
-                         batch: int = 4096, num_classes: int = 0
+                         grid: Tensor, solver: str, device: torch.device,
+                         cache_file: Path | None, batch: int = 4096, num_classes: int = 0
                          ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """A bank of `count` noises, their teacher trajectories [N + 1, count, ...] and, for a
-    class-conditional teacher, the class [count] each was solved for; kept on disk.
+    """A bank of `count` noises, their teacher trajectories [N + 1, count, ...] on `grid` and,
+    for a class-conditional teacher, the class [count] each was solved for; kept on disk at
+    `cache_file` (None: in memory only, as the bench uses it).
 
     Paying the teacher's solve once and reusing it every step is what makes data-free
     distillation cheap (METHOD.md, "Cost per step").
     """
     from safetensors.torch import load_file, save
 
-    if cache_file.is_file():
+    if cache_file is not None and cache_file.is_file():
         saved = load_file(cache_file)
         labels = saved["labels"].to(device) if "labels" in saved else None
         return saved["noise"].to(device), saved["trajectory"].to(device), labels
     noise = torch.randn((count, *shape), generator=generator_for(seed, 3)).to(device)
     labels = (torch.randint(num_classes, (count,), generator=generator_for(seed, 3, 1)).to(device)
               if num_classes else None)
-    grid = time_grid(tf.grid_steps, device=device)
     # Under DDP each rank solves its share of the rows, then every rank gets all of them.
     mine = shard(count)
     parts = [trajectory_on_grid(teacher_velocity(teacher, None if labels is None else
                                                  labels[mine][start:start + batch]),
-                                chunk, torch.zeros(len(chunk), dtype=torch.long, device=device),
-                                grid, method=tf.teacher_solver)
+                                start_state(chunk, grid),
+                                torch.zeros(len(chunk), dtype=torch.long, device=device),
+                                grid, method=solver)
              for start, chunk in zip(range(0, count, batch), noise[mine].split(batch),
                                      strict=False)]
-    empty = noise.new_empty((tf.grid_steps + 1, 0, *shape))
+    empty = noise.new_empty((len(grid), 0, *shape))
     trajectory = gather_shards(torch.cat(parts or [empty], dim=1), count, dim=1)
-    if rank() == 0:
+    if rank() == 0 and cache_file is not None:
         arrays = {"noise": noise.cpu().contiguous(), "trajectory": trajectory.cpu().contiguous()}
         if labels is not None:
             arrays["labels"] = labels.cpu().contiguous()
@@ -91,14 +112,39 @@ def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, se
     return noise, trajectory, labels
 
 
-def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
-    """Distill spec.distill.teacher into a student; resumes from run_dir if started."""
-    spec = with_teacher_net(spec)
-    runtime = runtime_for(spec)
-    prepare_run_dir(run_dir, spec, job="distill", sections=SECTIONS, runtime=runtime)
+def cache_allowed(spec: RunSpec) -> bool:
+    """Whether the spec's loss can read cached teacher solves (data-free, no data labels)."""
+    cfg = spec.distill
+    data_labels = ((cfg.start == "data" or cfg.w_fm > 0) and spec.data.use_labels
+                   and spec.net_config().get("num_classes", 0) > 0)
+    return cfg.start == "teacher" and not data_labels
+
+
+@dataclass
+class DistillStep:
+    """One distillation step and what it updates: what the job's loop runs and the bench times."""
+
+    student: nn.Module     # the trained weights (plain module; DDP/compile wrap it inside step_fn)
+    target: nn.Module      # G^-: the target EMA
+    ema: nn.Module         # the evaluation EMA
+    teacher: nn.Module     # the teacher network (eager)
+    optimizer: torch.optim.Optimizer
+    step_fn: Callable[[int], dict[str, Tensor]]
+    teacher_solve: str     # "cached" or "per step"
+
+    @property
+    def saved_modules(self) -> dict[str, nn.Module]:
+        return {"net": self.student, "target": self.target, "ema": self.ema}
+
+
+def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, *,
+                       cache_file: Path | None, batches: BatchSource | None = None
+                       ) -> DistillStep:
+    """The student, its EMAs, its optimiser and `step_fn(step)` for a spec whose `net` section
+    is the teacher's (with_teacher_net); `teacher_net` is on the runtime's device. `cache_file`
+    keeps a trajectory cache on disk; `batches` replaces the spec's data source."""
     cfg, tf = spec.distill, traflow_config(spec.distill)
     config = spec.net_config()
-    teacher_net = runtime.place(load_teacher(cfg.teacher).net)
     torch.manual_seed(derive_seed(spec.seed, 5))  # the s branch's initial weights
     student = runtime.place(student_from_teacher(teacher_net, config))
     target = make_ema(student)   # G^-: the target EMA (mu = target_ema)
@@ -110,9 +156,12 @@ def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     last_layer = unwrap(student).output_layer.weight
     rows = rank_rows(cfg.batch_size, runtime)
     shape = sample_shape(config)
+    grid = teacher_grid(cfg, runtime.device)
+    grid_host = grid.cpu()  # the time draw reads grid[0] on the host: no device sync per step
     needs_data = cfg.start == "data" or cfg.w_fm > 0
-    batches = (make_batch_source(spec.data, seed=spec.seed, global_batch=cfg.batch_size,
-                                 runtime=runtime) if needs_data else None)
+    if needs_data and batches is None:
+        batches = make_batch_source(spec.data, seed=spec.seed, global_batch=cfg.batch_size,
+                                    runtime=runtime)
     # A class-conditional teacher needs a class for every solve: the data's labels when the
     # loss reads data, else classes drawn uniformly (data-free), stored with any cached solve.
     num_classes = config.get("num_classes", 0)
@@ -124,13 +173,13 @@ def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     bank = None
     if cfg.trajectory_cache:
         bank = teacher_trajectories(teacher, shape, count=cfg.trajectory_cache, seed=spec.seed,
-                                    tf=tf, device=runtime.device, num_classes=num_classes,
-                                    cache_file=run_dir / "teacher_trajectories.safetensors")
+                                    grid=grid, solver=tf.teacher_solver, device=runtime.device,
+                                    num_classes=num_classes, cache_file=cache_file)
 
     def step_fn(step: int) -> dict[str, Tensor]:
         torch.manual_seed(derive_seed(spec.seed, runtime.rank, step))  # dropout
         gen = generator_for(spec.seed, 0, step, device=runtime.device)
-        times = draw_times(tf, cfg.batch_size, gen).rows(rows)
+        times = draw_times(grid_host, cfg.batch_size, gen).rows(rows)
         trajectory = labels = None
         if bank is not None:
             pick = torch.randint(len(bank[0]), (cfg.batch_size,), generator=gen,
@@ -142,12 +191,12 @@ def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
             if num_classes and not data_labels:
                 labels = torch.randint(num_classes, (cfg.batch_size,), generator=gen,
                                        device=gen.device)[rows].to(runtime.device)
-        data, batch_labels = batches(step) if batches is not None else (None, None)
+        data, batch_labels = batches(step) if needs_data else (None, None)
         if data_labels:
             labels = batch_labels
         with runtime.autocast():
             loss = traflow_loss(model, target, teacher_velocity(teacher, labels), noise,
-                                config=tf, times=times, data=data, labels=labels,
+                                config=tf, grid=grid, times=times, data=data, labels=labels,
                                 last_layer=last_layer, trajectory=trajectory, grad_mean=all_mean)
         loss.total.backward()
         grad_norm = optimizer_step(optimizer, params, step, cfg)
@@ -157,12 +206,25 @@ def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
                 **{f"loss_{name}" if name != "lambda_vel" else name: value
                    for name, value in loss.terms.items()}}
 
+    return DistillStep(student=student, target=target, ema=ema, teacher=teacher_net,
+                       optimizer=optimizer, step_fn=step_fn,
+                       teacher_solve="cached" if bank is not None else "per step")
+
+
+def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    """Distill spec.distill.teacher into a student; resumes from run_dir if started."""
+    spec = with_teacher_net(spec)
+    runtime = runtime_for(spec)
+    prepare_run_dir(run_dir, spec, job="distill", sections=SECTIONS, runtime=runtime)
+    cfg = spec.distill
+    teacher_net = runtime.place(load_teacher(cfg.teacher).net)
+    step = build_distill_step(spec, runtime, teacher_net,
+                              cache_file=run_dir / "teacher_trajectories.safetensors")
     task = TrainTask(
-        run_dir=run_dir, title="distill", saved_modules={"net": student, "target": target,
-                                                         "ema": ema},
-        optimizer=optimizer, step_fn=step_fn, total_steps=cfg.duration_steps,
+        run_dir=run_dir, title="distill", saved_modules=step.saved_modules,
+        optimizer=step.optimizer, step_fn=step.step_fn, total_steps=cfg.duration_steps,
         images_per_step=cfg.batch_size,
-        metadata=net_metadata(config, "student", teacher=str(cfg.teacher)),
+        metadata=net_metadata(spec.net_config(), "student", teacher=str(cfg.teacher)),
         log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
         keep_checkpoints=cfg.keep_checkpoints)
     summary = {"job": "distill", **train(task, runtime)}
