@@ -12,10 +12,12 @@ from torch import nn
 from traflow_cli.flow import time_grid, trajectory_on_grid
 from traflow_cli.nets import build_net, student_from_teacher
 from traflow_cli.traflow import (
+    TeacherSolve,
     TraFlowConfig,
     draw_times,
     jump,
     jump_derivative,
+    jump_rows,
     sample_grid_indices,
     solve_teacher,
     student_terms,
@@ -122,7 +124,7 @@ def test_every_term_sees_a_student_that_is_off_the_teacher() -> None:
         assert float(loss.terms[name]) > 1e-3, name
     lam = float(loss.terms["lambda_vel"])
     assert 0.01 <= lam <= 10.0
-    loss.total.backward()
+    loss.backward()
 
 
 @pytest.mark.parametrize("off", ["w_out", "w_vel", "w_sc"])
@@ -156,7 +158,7 @@ def test_data_start_and_fixed_lambda_run_and_stay_finite() -> None:
                         times=draw_times(grid, 16, gen), data=torch.randn(16, 2))
     assert float(loss.terms["lambda_vel"]) == 2.0
     assert torch.isfinite(loss.total)
-    loss.total.backward()
+    loss.backward()
 
 
 def test_every_traflow_config_field_is_a_distill_spec_field_with_the_same_default() -> None:
@@ -182,7 +184,7 @@ def test_the_teacher_side_needs_no_gradient_and_the_student_side_makes_the_loss(
     solve = solve_teacher(teacher, noise, grid, times, config=config)
     targets = traflow_targets(target, solve, noise, grid, times, config=config, data=data)
     no_grad = [v for v in vars(targets).values() if isinstance(v, torch.Tensor)]
-    assert len(no_grad) == 12 and not any(v.requires_grad for v in no_grad)
+    assert len(no_grad) == 13 and not any(v.requires_grad for v in no_grad)
     last = student.output_layer.weight
     torch.manual_seed(0)
     split = student_terms(student, target, targets, config=config, last_layer=last)
@@ -226,3 +228,106 @@ def test_a_uniform_grid_draws_what_it_always_drew() -> None:
     t_fm = 1e-3 + (1 - 1e-3) * torch.rand(32, generator=gen)
     for name, value in dict(i=i, k=k, j=j, r=r, s_vel=s_vel, t_fm=t_fm).items():
         assert torch.equal(getattr(times, name), value), name
+
+
+def test_a_jump_to_its_own_time_skips_the_network_and_passes_gradients_unchanged() -> None:
+    _, student = _pair()
+    x = torch.randn(8, 2, requires_grad=True)
+    t = torch.rand(8) * 0.5
+    s = torch.where(torch.arange(8) % 3 == 0, t, t + 0.4)  # rows 0, 3, 6 jump nowhere
+    rows = torch.nonzero(s != t).squeeze(1)
+    calls: list[int] = []
+    student.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    skipped = jump_rows(student, x, t, s, rows=rows)
+    assert calls == [5]
+    assert torch.allclose(skipped, jump(student, x, t, s), rtol=1e-6, atol=1e-7)
+    assert torch.equal(skipped[s == t], x[s == t].detach())
+    (grad,) = torch.autograd.grad(skipped.sum(), x)
+    assert torch.equal(grad[s == t], torch.ones(3, 2))
+
+
+def _off_teacher_student() -> tuple[nn.Module, nn.Module, nn.Module]:
+    teacher, student = _pair()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return teacher, student, copy.deepcopy(student).requires_grad_(False)
+
+
+def _gradients(student: nn.Module, loss) -> list[torch.Tensor]:
+    student.zero_grad(set_to_none=True)
+    loss.backward()
+    return [p.grad.clone() for p in student.parameters()]
+
+
+def test_adaptive_lambda_and_its_shared_backward_equal_the_plain_gradients() -> None:
+    """lambda = ||grad consistency|| / ||grad L_vel|| on the last layer, and loss.backward()
+    (which reuses the consistency gradient lambda took) equals the gradient of the total."""
+    teacher, student, target = _off_teacher_student()
+    grid, noise = time_grid(6), torch.randn(64, 2)
+    times = draw_times(grid, 64, torch.Generator().manual_seed(7))
+
+    def loss_with(lambda_vel: float | str):
+        torch.manual_seed(0)
+        return traflow_loss(student, target, teacher, noise, config=TraFlowConfig(
+            lambda_vel=lambda_vel, lambda_clip=(1e-4, 1e4)), grid=grid, times=times,
+            last_layer=student.output_layer.weight)
+
+    adaptive = loss_with("adaptive")
+    lam = float(adaptive.terms["lambda_vel"])
+    got = _gradients(student, adaptive)
+    # With a fixed lambda the total is differentiated plainly: grad = g_cons + lambda * g_vel.
+    one, two = _gradients(student, loss_with(1.0)), _gradients(student, loss_with(2.0))
+    last = [n for n, _ in student.named_parameters()].index("output_layer.weight")
+    g_vel = two[last] - one[last]
+    g_cons = one[last] - g_vel
+    assert lam == pytest.approx(float(g_cons.norm() / g_vel.norm()), rel=1e-4)
+    for a, b1, b2 in zip(got, one, two, strict=True):
+        assert torch.allclose(a, b1 + (lam - 1.0) * (b2 - b1), rtol=1e-4, atol=1e-7)
+
+
+def test_vel_every_puts_the_velocity_term_on_every_nth_row_of_the_global_batch() -> None:
+    teacher, student, target = _off_teacher_student()
+    grid, noise = time_grid(6), torch.randn(64, 2)
+    times = draw_times(grid, 64, torch.Generator().manual_seed(8), vel_every=4)
+    assert torch.equal(times.vel, torch.arange(64) % 4 == 0)
+    # A process's share keeps the global rule, so N processes compute what one does.
+    assert torch.equal(times.rows(slice(32, 64)).vel, torch.arange(32) % 4 == 0)
+    sizes: list[int] = []
+    handle = student.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    config = TraFlowConfig(vel_every=4, w_out=0.0, w_sc=0.0)
+    loss = traflow_loss(student, target, teacher, noise, config=config, grid=grid, times=times)
+    handle.remove()
+    assert sizes == [16]  # one jvp, on rows 0, 4, ..., 60
+    every_row = traflow_targets(target, TeacherSolve.cached(trajectory_on_grid(
+        teacher, noise, torch.zeros(64, dtype=torch.long), grid)), noise, grid,
+        draw_times(grid, 64, torch.Generator().manual_seed(8)), config=TraFlowConfig())
+    d_jump = jump_derivative(student, every_row.x_r, every_row.r, every_row.s_vel)
+    per_row = ((d_jump - every_row.chord_velocity) ** 2).mean(1)
+    assert torch.allclose(loss.terms["vel"], per_row[::4].mean(), rtol=1e-5)
+
+
+def test_vel_grad_primal_keeps_the_value_and_differentiates_through_u_alone() -> None:
+    _, student = _pair()
+    student = student.double()
+    with torch.no_grad():  # an s branch with an effect, so that du/ds depends on the weights
+        for p in student.s_embed.parameters():
+            p.normal_(0, 0.3)
+    x, t = torch.randn(6, 2, dtype=torch.float64), torch.rand(6, dtype=torch.float64) * 0.5
+    s, v = t + 0.3, torch.randn(6, 2, dtype=torch.float64)
+
+    def grads(value: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.autograd.grad((value - v).square().sum(), list(student.parameters())))
+
+    full = jump_derivative(student, x, t, s)
+    primal = jump_derivative(student, x, t, s, grad="primal")
+    assert torch.allclose(primal, full, rtol=1e-10, atol=1e-12)
+    # The semi-gradient: u + (s - t) c with c = du/ds taken as a constant (by central difference).
+    with torch.no_grad():
+        c = (student(x, t, s + 1e-6) - student(x, t, s - 1e-6)) / 2e-6
+    through_u = student(x, t, s) + (s - t)[:, None] * c
+    got, want, plain = grads(primal), grads(through_u), grads(full)
+    for a, b in zip(got, want, strict=True):
+        assert float((a - b).norm()) <= 1e-6 * float(a.norm())
+    assert any(float((a - b).norm()) > 1e-3 * float(b.norm())
+               for a, b in zip(got, plain, strict=True))

@@ -132,6 +132,8 @@ class DistillSpec(TrainingSpec):
     huber_c: PositiveFloat = 0.03
     derivative: Literal["jvp", "fd"] = "jvp"
     fd_step: PositiveFloat = 1e-3
+    vel_every: PositiveInt = 1
+    vel_grad: Literal["full", "primal"] = "full"
     target_ema: Unit = 0.9999
     trajectory_cache: NonNegativeInt = 0
 
@@ -143,6 +145,9 @@ class DistillSpec(TrainingSpec):
             raise ValueError("trajectory_cache needs start='teacher' (cached solves start at noise)")
         if self.lambda_clip[0] > self.lambda_clip[1]:
             raise ValueError("lambda_clip must be (low, high) with low <= high")
+        if self.batch_size % self.vel_every:
+            raise ValueError(f"vel_every={self.vel_every} must divide batch_size={self.batch_size}"
+                             " (L_vel takes every vel_every-th row)")
         return self
 
 

@@ -49,14 +49,30 @@ class TraFlowConfig:
     huber_c: float = 0.03
     derivative: str = "jvp"           # dG/ds by forward-mode AD ("jvp") or central difference ("fd")
     fd_step: float = 1e-3
+    # Speed options that change the estimator (each measured in docs/PERFORMANCE.md):
+    vel_every: int = 1                # L_vel on every vel_every-th row of the batch (1: all rows)
+    vel_grad: str = "full"            # "primal": L_vel's gradient through u only (see jump_derivative)
 
 
 @dataclass
 class TraFlowLoss:
-    """The scalar to minimise and each term, detached, for logging."""
+    """The scalar to minimise and each term, detached, for logging; differentiate it with
+    `backward()` (with the adaptive lambda, the consistency terms' gradient at the student's
+    jump was already taken once, and the backward reuses it instead of paying G^- again)."""
 
     total: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)
+    # (G(x_t, t, s) [B, ...], d consistency / d G [B, ...], the rest of the total []): set when
+    # the consistency gradient was taken ahead of the backward (adaptive_lambda).
+    split: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def backward(self) -> None:
+        """d total / d weights into the weights' .grad, as total.backward() would."""
+        if self.split is None:
+            self.total.backward()
+            return
+        student_jump, jump_grad, rest = self.split
+        torch.autograd.backward([student_jump, rest], [jump_grad, torch.ones_like(rest)])
 
 
 def call_net(net: nn.Module, x: Tensor, t: Tensor, s: Tensor | None = None,
@@ -71,9 +87,30 @@ def jump(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None 
     return x + per_sample(s - t, x) * call_net(net, x, t, s, labels)
 
 
+def jump_rows(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None = None,
+              rows: Tensor | None = None) -> Tensor:
+    """G(x, t, s) [B, ...] with only `rows` [M] (those where s != t) through the network: the
+    others are G(x, t, t) = x exactly, so they cost nothing (and pass gradients unchanged)."""
+    if rows is None or len(rows) == len(x):
+        return jump(net, x, t, s, labels)
+    if len(rows) == 0:
+        return x
+    moved = jump(net, x[rows], t[rows], s[rows], None if labels is None else labels[rows])
+    return x.index_copy(0, rows, moved.to(x.dtype))
+
+
 def jump_derivative(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None = None,
-                    *, method: str = "jvp", fd_step: float = 1e-3) -> Tensor:
-    """dG(x, t, s)/ds = u + (s - t) du/ds, image-shaped [B, ...] (METHOD.md, target 2)."""
+                    *, method: str = "jvp", fd_step: float = 1e-3, grad: str = "full") -> Tensor:
+    """dG(x, t, s)/ds = u + (s - t) du/ds, image-shaped [B, ...] (METHOD.md, target 2).
+
+    grad="full": differentiable in the weights through both parts. grad="primal": the same
+    value, with (s - t) du/ds held fixed (MeanFlow's stop-gradient), so the weights get their
+    gradient through u alone and the backward never enters the forward-mode graph.
+    """
+    if grad == "primal":
+        return _derivative_through_u(net, x, t, s, labels, method=method, fd_step=fd_step)
+    if grad != "full":
+        raise ValueError(f"grad must be 'full' or 'primal', got {grad!r}")
     if method == "jvp":
         # Forward mode, tangent 1 on s: one pass gives the per-sample derivative, and the result
         # stays differentiable with respect to the network's weights.
@@ -87,6 +124,22 @@ def jump_derivative(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Ten
         behind = jump(net, x, t, s - fd_step, labels)
         return (ahead - behind) / (2 * fd_step)
     raise ValueError(f"derivative must be 'jvp' or 'fd', got {method!r}")
+
+
+def _derivative_through_u(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None,
+                          *, method: str, fd_step: float) -> Tensor:
+    """u + (s - t) sg[du/ds]: jump_derivative's value with the gradient through u only."""
+    if method == "jvp":
+        u, du_ds = torch.func.jvp(lambda s_: call_net(net, x, t, s_, labels), (s,),
+                                  (torch.ones_like(s),))
+    elif method == "fd":
+        u = call_net(net, x, t, s, labels)
+        with torch.no_grad():
+            du_ds = (call_net(net, x, t, s + fd_step, labels)
+                     - call_net(net, x, t, s - fd_step, labels)) / (2 * fd_step)
+    else:
+        raise ValueError(f"derivative must be 'jvp' or 'fd', got {method!r}")
+    return u + per_sample(s - t, u) * du_ds.detach()
 
 
 def sample_grid_indices(num_steps: int, batch: int, generator: torch.Generator
@@ -112,15 +165,18 @@ class TimeDraw:
     r: Tensor      # [B] chord time for L_vel
     s_vel: Tensor  # [B] jump target for L_vel, r <= s_vel <= 1
     t_fm: Tensor   # [B] time of the flow-matching anchor
+    vel: Tensor    # [B] bool: the rows that carry L_vel (every vel_every-th of the global batch)
 
     def rows(self, index: slice | Tensor) -> TimeDraw:
         """The draw for a subset of the batch (a rank's share under DDP)."""
         return TimeDraw(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
 
 
-def draw_times(grid: Tensor, batch: int, generator: torch.Generator) -> TimeDraw:
+def draw_times(grid: Tensor, batch: int, generator: torch.Generator, *,
+               vel_every: int = 1) -> TimeDraw:
     """Draw every time of a TraFlow loss for a batch from one generator, on the teacher's grid
-    [N + 1] (pass it on the host: its first time is read). Every time lies in [grid[0], 1]."""
+    [N + 1] (pass it on the host: its first time is read). Every time lies in [grid[0], 1].
+    Rows 0, vel_every, 2 vel_every, ... of the batch carry L_vel (the draw is the same)."""
     i, k, j = sample_grid_indices(len(grid) - 1, batch, generator)
     dev = generator.device
     t_min = float(grid[0])
@@ -129,7 +185,8 @@ def draw_times(grid: Tensor, batch: int, generator: torch.Generator) -> TimeDraw
         r = t_min + (1 - t_min) * r
     s_vel = r + (1 - r) * torch.rand(batch, generator=generator, device=dev)
     t_fm = sample_train_times(batch, generator, dev, eps=max(TRAIN_EPS, t_min))
-    return TimeDraw(i=i, k=k, j=j, r=r, s_vel=s_vel, t_fm=t_fm)
+    vel = torch.arange(batch, device=dev) % vel_every == 0
+    return TimeDraw(i=i, k=k, j=j, r=r, s_vel=s_vel, t_fm=t_fm, vel=vel)
 
 
 def distance(a: Tensor, b: Tensor, kind: str = "l2", huber_c: float = 0.03) -> Tensor:
@@ -142,19 +199,24 @@ def distance(a: Tensor, b: Tensor, kind: str = "l2", huber_c: float = 0.03) -> T
     raise ValueError(f"distance must be 'l2' or 'pseudo_huber', got {kind!r}")
 
 
-def adaptive_lambda(consistency: Tensor, velocity_loss: Tensor, last_layer: Tensor,
-                    clip: tuple[float, float], grad_mean: Callable[[Tensor], Tensor] | None = None
-                    ) -> Tensor:
+def adaptive_lambda(consistency: Tensor, student_jump: Tensor, velocity_loss: Tensor,
+                    last_layer: Tensor, clip: tuple[float, float],
+                    grad_mean: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """||grad consistency|| / ||grad L_vel|| on the last layer's weight, clipped (SCoT's weighting).
 
-    Under data parallelism each process sees part of the batch: `grad_mean` averages the two
-    gradients over processes before the norms, so lambda is the whole batch's on every process.
+    The consistency terms reach the weights only through the student's jump G(x_t, t, s)
+    (`student_jump`): their gradient there is taken once, freeing G^-'s graph, and returned with
+    lambda, so that the step's backward continues from it (TraFlowLoss.backward) instead of
+    differentiating through G^- a second time. Under data parallelism each process sees part of
+    the batch: `grad_mean` averages the two last-layer gradients over processes before the
+    norms, so lambda is the whole batch's on every process.
     """
-    g_cons = torch.autograd.grad(consistency, last_layer, retain_graph=True)[0]
+    (jump_grad,) = torch.autograd.grad(consistency, student_jump)
+    g_cons = torch.autograd.grad(student_jump, last_layer, jump_grad, retain_graph=True)[0]
     g_vel = torch.autograd.grad(velocity_loss, last_layer, retain_graph=True)[0]
     if grad_mean is not None:
         g_cons, g_vel = grad_mean(torch.stack([g_cons, g_vel])).unbind()
-    return (g_cons.norm() / (g_vel.norm() + 1e-8)).clamp(*clip).detach()
+    return (g_cons.norm() / (g_vel.norm() + 1e-8)).clamp(*clip).detach(), jump_grad
 
 
 @dataclass
@@ -210,7 +272,8 @@ class Targets:
 
     Consistency rows: the student jumps x_t from t to s; `end_out` = G^-(Phi(x_t, t -> s), s, 1)
     and `end_sc` = G^-(G^-(Phi(x_t, t -> u), u, s), s, 1) are the targets at the data end.
-    Velocity rows: dG(x_r, r, s_vel)/ds must match `chord_velocity` = x_hat - noise.
+    Velocity rows (all rows, or every vel_every-th): dG(x_r, r, s_vel)/ds must match
+    `chord_velocity` = x_hat - noise.
     Anchor rows: u(x_fm, t_fm, t_fm) must match `fm_velocity` = data - noise. [B, ...] / [B].
     """
 
@@ -227,6 +290,8 @@ class Targets:
     t_fm: Tensor | None = None
     fm_velocity: Tensor | None = None
     labels: Tensor | None = None
+    vel_labels: Tensor | None = None  # the velocity rows' classes
+    end_rows: Tensor | None = None  # [M] rows with s < 1: the others' G^-(., s, 1) is the identity
 
 
 @torch.no_grad()
@@ -240,22 +305,36 @@ def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid:
     t, u, s = grid[i], grid[i + k], grid[j]
     traj = solve.trajectory
     x_t, x_u, x_s = pick(traj, i), pick(traj, i + k), pick(traj, j)
-    out = Targets(x_t=x_t, t=t, s=s, labels=labels)
+    # G^-(x, a, a) = x: rows that jump nowhere (u = s, or s = 1 for the carry to the data end)
+    # skip the network. Which rows is read on the host, once per step.
+    i_h, k_h, j_h, vel_h = torch.stack([times.i, times.k, times.j, times.vel.long()]).cpu()
+    via_rows = torch.nonzero(i_h + k_h < j_h).squeeze(1).to(noise.device)
+    end_rows = torch.nonzero(j_h < len(grid) - 1).squeeze(1).to(noise.device)
+    out = Targets(x_t=x_t, t=t, s=s, labels=labels, end_rows=end_rows)
     if cfg.w_out > 0 or cfg.w_sc > 0:
         # Both targets are carried to the data end by G^-, in one batched call:
         # out: G^-(Phi(x_t, t->s), s, 1);  sc: G^-(G^-(Phi(x_t, t->u), u, s), s, 1).
         ones = torch.ones_like(t)
-        x_via_u = jump(target, x_u, u, s, labels)
-        both = jump(target, torch.cat([x_s, x_via_u]), torch.cat([s, s]),
-                    torch.cat([ones, ones]), _repeat(labels))
+        x_via_u = jump_rows(target, x_u, u, s, labels, via_rows)
+        both = jump_rows(target, torch.cat([x_s, x_via_u]), torch.cat([s, s]),
+                         torch.cat([ones, ones]), _repeat(labels),
+                         torch.cat([end_rows, end_rows + len(x_t)]))
         out.end_out, out.end_sc = both.chunk(2)
     if cfg.w_vel > 0:
         # Chord x_r = r x_hat + (1 - r) noise, r <= s: a straight teacher jumps at speed x_hat - noise.
         if solve.x_hat is None:
             raise ValueError("w_vel > 0 needs the teacher's output x_hat")
-        out.r, out.s_vel = times.r.to(noise.device), times.s_vel.to(noise.device)
-        out.x_r = interpolate(noise, solve.x_hat, out.r)
-        out.chord_velocity = target_velocity(noise, solve.x_hat)
+        vel_rows = (None if bool(vel_h.all()) else
+                    torch.nonzero(vel_h).squeeze(1).to(noise.device))
+
+        def take(x: Tensor | None) -> Tensor | None:
+            return x if x is None or vel_rows is None else x[vel_rows]
+
+        noise_v, x_hat_v = take(noise), take(solve.x_hat)
+        out.r, out.s_vel = take(times.r.to(noise.device)), take(times.s_vel.to(noise.device))
+        out.x_r = interpolate(noise_v, x_hat_v, out.r)
+        out.chord_velocity = target_velocity(noise_v, x_hat_v)
+        out.vel_labels = take(labels)
     if cfg.w_fm > 0:
         if data is None:
             raise ValueError("w_fm > 0 needs a data batch")
@@ -276,11 +355,12 @@ def student_terms(student: nn.Module, target: nn.Module, targets: Targets, *,
     cfg, tg, labels = config, targets, targets.labels
     terms: dict[str, Tensor] = {}
     total = tg.x_t.new_zeros(())
-    consistency = None
+    consistency = student_jump = split = None
     if cfg.w_out > 0 or cfg.w_sc > 0:
         ones = torch.ones_like(tg.t)
         # The gradient flows through the inner G only; G^-'s weights are frozen.
-        student_end = jump(target, jump(student, tg.x_t, tg.t, tg.s, labels), tg.s, ones, labels)
+        student_jump = jump(student, tg.x_t, tg.t, tg.s, labels)
+        student_end = jump_rows(target, student_jump, tg.s, ones, labels, tg.end_rows)
         consistency = tg.x_t.new_zeros(())
         if cfg.w_out > 0:
             terms["out"] = distance(student_end, tg.end_out, cfg.distance, cfg.huber_c).mean()
@@ -289,24 +369,27 @@ def student_terms(student: nn.Module, target: nn.Module, targets: Targets, *,
             terms["sc"] = distance(student_end, tg.end_sc, cfg.distance, cfg.huber_c).mean()
             consistency = consistency + cfg.w_sc * terms["sc"]
         total = total + consistency
+    rest = tg.x_t.new_zeros(())  # the total beyond the consistency terms
     if cfg.w_vel > 0:
-        d_jump = jump_derivative(student, tg.x_r, tg.r, tg.s_vel, labels, method=cfg.derivative,
-                                 fd_step=cfg.fd_step)
+        d_jump = jump_derivative(student, tg.x_r, tg.r, tg.s_vel, tg.vel_labels,
+                                 method=cfg.derivative, fd_step=cfg.fd_step, grad=cfg.vel_grad)
         terms["vel"] = ((d_jump - tg.chord_velocity) ** 2).flatten(1).mean(1).mean()
         if cfg.lambda_vel != "adaptive":
             lam = torch.tensor(float(cfg.lambda_vel), device=tg.x_t.device)
         elif consistency is not None and last_layer is not None and consistency.requires_grad:
-            lam = adaptive_lambda(consistency, terms["vel"], last_layer, cfg.lambda_clip,
-                                  grad_mean)
+            lam, jump_grad = adaptive_lambda(consistency, student_jump, terms["vel"], last_layer,
+                                             cfg.lambda_clip, grad_mean)
+            split = (student_jump, jump_grad)
         else:
             lam = torch.ones((), device=tg.x_t.device)
         terms["lambda_vel"] = lam
-        total = total + cfg.w_vel * lam * terms["vel"]
+        rest = rest + cfg.w_vel * lam * terms["vel"]
     if cfg.w_fm > 0:
         pred = call_net(student, tg.x_fm, tg.t_fm, tg.t_fm, labels)  # u(x_t, t, t): velocity
         terms["fm"] = ((pred - tg.fm_velocity) ** 2).flatten(1).mean(1).mean()
-        total = total + cfg.w_fm * terms["fm"]
-    return TraFlowLoss(total=total, terms={name: v.detach() for name, v in terms.items()})
+        rest = rest + cfg.w_fm * terms["fm"]
+    return TraFlowLoss(total=total + rest, terms={name: v.detach() for name, v in terms.items()},
+                       split=None if split is None else (*split, rest))
 
 
 def traflow_loss(student: nn.Module, target: nn.Module, teacher: Velocity, noise: Tensor, *,

@@ -248,19 +248,25 @@ def distill_train_steps(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module,
     return steps
 
 
-def time_steps(step_fn: Callable[[int], dict[str, Tensor]], *, first: int, device: torch.device,
-               warmup: int, repeats: int) -> tuple[float, dict[str, float]]:
-    """Median seconds of step_fn(step) over `repeats` consecutive steps after `warmup` ones,
-    numbered from `first` (the jobs' learning-rate schedule sees the same step numbers), and
-    the last step's metrics."""
-    steps = iter(range(first, first + warmup + repeats))
-    metrics: dict[str, Tensor] = {}
-
-    def one() -> None:
-        metrics.update(step_fn(next(steps)))
-
-    seconds = time_call(one, device=device, warmup=warmup, repeats=repeats)
-    return seconds, {name: float(value) for name, value in metrics.items()}
+def time_steps(step_fns: list[Callable[[int], dict[str, Tensor]]], *, first: int,
+               device: torch.device, warmup: int, repeats: int
+               ) -> list[tuple[float, dict[str, float]]]:
+    """Median seconds of each step_fn(step) over `repeats` steps after `warmup` ones, and its
+    last step's metrics. Steps are numbered from `first` (the jobs' learning-rate schedule sees
+    the numbers a run would) and the functions take turns, one step each, so that a change of
+    load on a shared machine slows every row alike and their ratios stay meaningful."""
+    seconds: list[list[float]] = [[] for _ in step_fns]
+    metrics: list[dict[str, Tensor]] = [{} for _ in step_fns]
+    for n in range(warmup + repeats):
+        for fn, times, last in zip(step_fns, seconds, metrics, strict=True):
+            _sync(device)
+            start = time.perf_counter()
+            last.update(fn(first + n))
+            _sync(device)
+            if n >= warmup:
+                times.append(time.perf_counter() - start)
+    return [(statistics.median(times), {name: float(v) for name, v in last.items()})
+            for times, last in zip(seconds, metrics, strict=True)]
 
 
 def _train_rows(spec: RunSpec, teacher_net: nn.Module, config: dict, runtime: Runtime,
@@ -280,22 +286,22 @@ def _train_rows(spec: RunSpec, teacher_net: nn.Module, config: dict, runtime: Ru
     # Flops and evaluations are counted over one step of eager copies (the counters see every
     # call); the timing runs what the jobs run (compiled when runtime.compile is on).
     counted = timed if not runtime.compile else build(eager)
-    timing = {"device": runtime.device, "warmup": max(spec.bench.warmup, 1),
-              "repeats": spec.bench.repeats}
-    teacher_ips = None
-    for run, count in zip(timed, counted, strict=True):
-        with count_evaluations(count.counted, batch) as evals:
-            flops = count_flops(lambda c=count: c.step_fn(0))
-        seconds, metrics = time_steps(run.step_fn, first=1, **timing)
-        model = "teacher" if "net" in run.counted else "student"
+    counts = []
+    for run in counted:
+        with count_evaluations(run.counted, batch) as evals:
+            flops = count_flops(lambda r=run: r.step_fn(0))
+        counts.append((flops, dict(evals)))
+    results = time_steps([run.step_fn for run in timed], first=1, device=runtime.device,
+                         warmup=max(spec.bench.warmup, 1), repeats=spec.bench.repeats)
+    teacher_ips = batch / results[0][0]
+    for run, (flops, evals), (seconds, metrics) in zip(timed, counts, results, strict=True):
         extra = dict(run.fields)
+        model = "teacher" if "net" in run.counted else "student"
         if model == "student":
             extra["evaluations"] = {name: round(value, 3) for name, value in evals.items()}
             extra["of_teacher_step"] = batch / seconds / teacher_ips
-        else:
-            teacher_ips = batch / seconds
-        add(model, "train", sum(evals.values()), seconds, flops,
-            loss=metrics.get("loss"), **extra)
+        add(model, "train", sum(evals.values()), seconds, flops, loss=metrics.get("loss"),
+            **extra)
 
 
 def _device_name(device: torch.device) -> str:

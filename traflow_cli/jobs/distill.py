@@ -155,6 +155,10 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     teacher = runtime.maybe_compile(teacher_net)
     last_layer = unwrap(student).output_layer.weight
     rows = rank_rows(cfg.batch_size, runtime)
+    if (rows.stop - rows.start) % cfg.vel_every:
+        raise SpecError(f"distill.vel_every: {cfg.vel_every} must divide each process's share of "
+                        f"the batch ({rows.stop - rows.start} rows), so that every process has as "
+                        "many L_vel rows; choose a divisor of it")
     shape = sample_shape(config)
     grid = teacher_grid(cfg, runtime.device)
     grid_host = grid.cpu()  # the time draw reads grid[0] on the host: no device sync per step
@@ -179,7 +183,7 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     def step_fn(step: int) -> dict[str, Tensor]:
         torch.manual_seed(derive_seed(spec.seed, runtime.rank, step))  # dropout
         gen = generator_for(spec.seed, 0, step, device=runtime.device)
-        times = draw_times(grid_host, cfg.batch_size, gen).rows(rows)
+        times = draw_times(grid_host, cfg.batch_size, gen, vel_every=cfg.vel_every).rows(rows)
         trajectory = labels = None
         if bank is not None:
             pick = torch.randint(len(bank[0]), (cfg.batch_size,), generator=gen,
@@ -198,7 +202,7 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
             loss = traflow_loss(model, target, teacher_velocity(teacher, labels), noise,
                                 config=tf, grid=grid, times=times, data=data, labels=labels,
                                 last_layer=last_layer, trajectory=trajectory, grad_mean=all_mean)
-        loss.total.backward()
+        loss.backward()
         grad_norm = optimizer_step(optimizer, params, step, cfg)
         update_ema(target, student, cfg.target_ema)
         update_ema(ema, student, cfg.ema_decay)
