@@ -133,7 +133,6 @@ class DistillSpec(TrainingSpec):
     derivative: Literal["jvp", "fd"] = "jvp"
     fd_step: PositiveFloat = 1e-3
     vel_every: PositiveInt = 1
-    vel_grad: Literal["full", "primal"] = "full"
     target_ema: Unit = 0.9999
     trajectory_cache: NonNegativeInt = 0
 

@@ -49,9 +49,8 @@ class TraFlowConfig:
     huber_c: float = 0.03
     derivative: str = "jvp"           # dG/ds by forward-mode AD ("jvp") or central difference ("fd")
     fd_step: float = 1e-3
-    # Speed options that change the estimator (each measured in docs/PERFORMANCE.md):
+    # A speed option that changes the estimator (measured in docs/PERFORMANCE.md):
     vel_every: int = 1                # L_vel on every vel_every-th row of the batch (1: all rows)
-    vel_grad: str = "full"            # "primal": L_vel's gradient through u only (see jump_derivative)
 
 
 @dataclass
@@ -100,17 +99,8 @@ def jump_rows(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | 
 
 
 def jump_derivative(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None = None,
-                    *, method: str = "jvp", fd_step: float = 1e-3, grad: str = "full") -> Tensor:
-    """dG(x, t, s)/ds = u + (s - t) du/ds, image-shaped [B, ...] (METHOD.md, target 2).
-
-    grad="full": differentiable in the weights through both parts. grad="primal": the same
-    value, with (s - t) du/ds held fixed (MeanFlow's stop-gradient), so the weights get their
-    gradient through u alone and the backward never enters the forward-mode graph.
-    """
-    if grad == "primal":
-        return _derivative_through_u(net, x, t, s, labels, method=method, fd_step=fd_step)
-    if grad != "full":
-        raise ValueError(f"grad must be 'full' or 'primal', got {grad!r}")
+                    *, method: str = "jvp", fd_step: float = 1e-3) -> Tensor:
+    """dG(x, t, s)/ds = u + (s - t) du/ds, image-shaped [B, ...] (METHOD.md, target 2)."""
     if method == "jvp":
         # Forward mode, tangent 1 on s: one pass gives the per-sample derivative, and the result
         # stays differentiable with respect to the network's weights.
@@ -124,22 +114,6 @@ def jump_derivative(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Ten
         behind = jump(net, x, t, s - fd_step, labels)
         return (ahead - behind) / (2 * fd_step)
     raise ValueError(f"derivative must be 'jvp' or 'fd', got {method!r}")
-
-
-def _derivative_through_u(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None,
-                          *, method: str, fd_step: float) -> Tensor:
-    """u + (s - t) sg[du/ds]: jump_derivative's value with the gradient through u only."""
-    if method == "jvp":
-        u, du_ds = torch.func.jvp(lambda s_: call_net(net, x, t, s_, labels), (s,),
-                                  (torch.ones_like(s),))
-    elif method == "fd":
-        u = call_net(net, x, t, s, labels)
-        with torch.no_grad():
-            du_ds = (call_net(net, x, t, s + fd_step, labels)
-                     - call_net(net, x, t, s - fd_step, labels)) / (2 * fd_step)
-    else:
-        raise ValueError(f"derivative must be 'jvp' or 'fd', got {method!r}")
-    return u + per_sample(s - t, u) * du_ds.detach()
 
 
 def sample_grid_indices(num_steps: int, batch: int, generator: torch.Generator
@@ -308,18 +282,25 @@ def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid:
     # G^-(x, a, a) = x: rows that jump nowhere (u = s, or s = 1 for the carry to the data end)
     # skip the network. Which rows is read on the host, once per step.
     i_h, k_h, j_h, vel_h = torch.stack([times.i, times.k, times.j, times.vel.long()]).cpu()
-    via_rows = torch.nonzero(i_h + k_h < j_h).squeeze(1).to(noise.device)
-    end_rows = torch.nonzero(j_h < len(grid) - 1).squeeze(1).to(noise.device)
+    via_u, to_end = i_h + k_h < j_h, j_h < len(grid) - 1  # [B] u < s, s < 1
+
+    def rows(mask: Tensor) -> Tensor:
+        return torch.nonzero(mask).squeeze(1).to(noise.device)
+
+    end_rows = rows(to_end)
     out = Targets(x_t=x_t, t=t, s=s, labels=labels, end_rows=end_rows)
     if cfg.w_out > 0 or cfg.w_sc > 0:
         # Both targets are carried to the data end by G^-, in one batched call:
         # out: G^-(Phi(x_t, t->s), s, 1);  sc: G^-(G^-(Phi(x_t, t->u), u, s), s, 1).
+        # Where u = s, x_via_u is x_s itself, so the sc end is the out end: carried once.
         ones = torch.ones_like(t)
-        x_via_u = jump_rows(target, x_u, u, s, labels, via_rows)
+        x_via_u = jump_rows(target, x_u, u, s, labels, rows(via_u))
         both = jump_rows(target, torch.cat([x_s, x_via_u]), torch.cat([s, s]),
                          torch.cat([ones, ones]), _repeat(labels),
-                         torch.cat([end_rows, end_rows + len(x_t)]))
-        out.end_out, out.end_sc = both.chunk(2)
+                         torch.cat([end_rows, rows(via_u & to_end) + len(x_t)]))
+        out.end_out, end_sc = both.chunk(2)
+        same = rows(~via_u & to_end)
+        out.end_sc = end_sc.index_copy(0, same, out.end_out[same])
     if cfg.w_vel > 0:
         # Chord x_r = r x_hat + (1 - r) noise, r <= s: a straight teacher jumps at speed x_hat - noise.
         if solve.x_hat is None:
@@ -372,7 +353,7 @@ def student_terms(student: nn.Module, target: nn.Module, targets: Targets, *,
     rest = tg.x_t.new_zeros(())  # the total beyond the consistency terms
     if cfg.w_vel > 0:
         d_jump = jump_derivative(student, tg.x_r, tg.r, tg.s_vel, tg.vel_labels,
-                                 method=cfg.derivative, fd_step=cfg.fd_step, grad=cfg.vel_grad)
+                                 method=cfg.derivative, fd_step=cfg.fd_step)
         terms["vel"] = ((d_jump - tg.chord_velocity) ** 2).flatten(1).mean(1).mean()
         if cfg.lambda_vel != "adaptive":
             lam = torch.tensor(float(cfg.lambda_vel), device=tg.x_t.device)

@@ -35,7 +35,7 @@ from traflow_cli.jobs.teacher import build_teacher_step
 from traflow_cli.nets import build_net, student_from_teacher
 from traflow_cli.sampling import sample_student, sample_teacher, student_times, teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
-from traflow_cli.specs import RunSpec
+from traflow_cli.specs import RunSpec, SpecError, build_spec
 from traflow_cli.traflow import call_net
 
 Row = dict[str, Any]
@@ -189,7 +189,11 @@ def training_spec(spec: RunSpec, net_config: dict, batch: int) -> RunSpec:
     merged = spec.model_dump(mode="json")
     merged["net"] = net_config
     merged["teacher"]["batch_size"] = merged["distill"]["batch_size"] = batch
-    return RunSpec.model_validate(merged)
+    try:
+        return build_spec(merged)
+    except SpecError as err:
+        raise SpecError(f"bench.batch_size: {batch} does not fit the training steps ({err}); "
+                        "choose another --batch-size") from None
 
 
 def bench_batches(spec: RunSpec, runtime: Runtime, batch: int) -> tuple[BatchSource, str]:

@@ -46,7 +46,7 @@ from traflow_cli.jobs.common import (
 from traflow_cli.nets import student_from_teacher
 from traflow_cli.sampling import teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
-from traflow_cli.specs import DistillSpec, RunSpec, SpecError, check_teacher_run
+from traflow_cli.specs import DistillSpec, RunSpec, SpecError, build_spec, check_teacher_run
 from traflow_cli.traflow import TraFlowConfig, draw_times, start_state, traflow_loss
 
 SECTIONS = ("seed", "data", "net", "distill")
@@ -70,7 +70,11 @@ def with_teacher_net(spec: RunSpec) -> RunSpec:
     config = run_checkpoint(Path(spec.distill.teacher)).net_config()
     merged = spec.model_dump(mode="json")
     merged["net"] = config
-    return RunSpec.model_validate(merged)
+    try:
+        return build_spec(merged)
+    except SpecError as err:
+        raise SpecError(f"distill.teacher: its {config['kind']} network does not fit this spec "
+                        f"({err}); pass the --preset the teacher was trained with") from None
 
 
 def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, seed: int,
