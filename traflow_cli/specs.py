@@ -144,9 +144,6 @@ class DistillSpec(TrainingSpec):
             raise ValueError("trajectory_cache needs start='teacher' (cached solves start at noise)")
         if self.lambda_clip[0] > self.lambda_clip[1]:
             raise ValueError("lambda_clip must be (low, high) with low <= high")
-        if self.batch_size % self.vel_every:
-            raise ValueError(f"vel_every={self.vel_every} must divide batch_size={self.batch_size}"
-                             " (L_vel takes every vel_every-th row)")
         return self
 
 

@@ -159,7 +159,7 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     teacher = runtime.maybe_compile(teacher_net)
     last_layer = unwrap(student).output_layer.weight
     rows = rank_rows(cfg.batch_size, runtime)
-    if (rows.stop - rows.start) % cfg.vel_every:
+    if runtime.world_size > 1 and (rows.stop - rows.start) % cfg.vel_every:
         raise SpecError(f"distill.vel_every: {cfg.vel_every} must divide each process's share of "
                         f"the batch ({rows.stop - rows.start} rows), so that every process has as "
                         "many L_vel rows; choose a divisor of it")
