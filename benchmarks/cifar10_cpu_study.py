@@ -32,6 +32,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg-train.zip"
 PRESET = "cifar10-cpu"
+ABLATIONS = {"student-wvel0": "distill.w_vel=0", "student-wsc0": "distill.w_sc=0"}
 
 
 @dataclass
@@ -127,46 +128,59 @@ class Study:
 
     # -- the whole study --------------------------------------------------------------------
     def run(self) -> dict:
+        """Stages in the order of what they answer: the student and the teacher's one step
+        first, the costly RK45 solve and the ablations last. A report is written after every
+        measured row, so a study stopped part-way still shows what it has measured."""
         self.train_teacher()
         self.distill("student")
-        if self.ablations:
-            self.distill("student-wvel0", "distill.w_vel=0")
-            self.distill("student-wsc0", "distill.w_sc=0")
-        rows = [("teacher", "euler", k, self.sample(f"teacher-euler{k}", "teacher", "--solver",
-                                                     "euler", "--steps", k)) for k in (1, 2, 4, 8)]
-        rows.append(("teacher", "rk45", None, self.sample("teacher-rk45", "teacher",
-                                                            "--solver", "rk45")))
-        students = [("student", (1, 2, 4))]
-        if self.ablations:
-            students += [("student-wvel0", (1, 2)), ("student-wsc0", (1, 2))]
-        for run, nfes in students:
-            rows += [(run, "jump", k, self.sample(f"{run}-nfe{k}", run, "--nfe", k)) for k in nfes]
         reference = self.export_reference()
-        rk45 = rows[4][3]
+        plan = [("student", "jump", 1), ("teacher", "euler", 1), ("student", "jump", 2),
+                ("student", "jump", 4), ("teacher", "euler", 2), ("teacher", "euler", 4),
+                ("teacher", "euler", 8), ("teacher", "rk45", None)]
+        if self.ablations:
+            plan += [(run, "jump", k) for run in ABLATIONS for k in (1, 2)]
+        measured: list[tuple[str, str, Path, dict]] = []
+        for run, solver, k in plan:
+            if run.startswith("student-w"):
+                self.distill(run, ABLATIONS[run])
+            if solver == "jump":
+                folder = self.sample(f"{run}-nfe{k}", run, "--nfe", k)
+            elif solver == "euler":
+                folder = self.sample(f"teacher-euler{k}", run, "--solver", "euler", "--steps", k)
+            else:
+                folder = self.sample("teacher-rk45", run, "--solver", "rk45")
+            measured.append((run, solver, folder, self.fid(folder.name, folder, reference)))
+            out = self.report(measured, reference)
+        return out
+
+    def report(self, measured: list[tuple[str, str, Path, dict]], reference: Path) -> dict:
+        rk45 = self.root / "samples" / "teacher-rk45"
+        has_rk45 = any(folder == rk45 for _, _, folder, _ in measured)
         results = []
-        for model, solver, _, folder in rows:
+        for model, solver, folder, fid in measured:
             summary = json.loads((folder / "summary.json").read_text())
-            fid = self.fid(folder.name, folder, reference)
             results.append({"model": model, "solver": solver, "nfe": summary["nfe"],
                             "samples": folder.name, "fid": fid["fid"],
                             "num_samples": fid["num_samples"],
-                            "psnr_vs_rk45_db": psnr_folders(folder, rk45),
+                            "psnr_vs_rk45_db": psnr_folders(folder, rk45) if has_rk45 else None,
                             "sample_seconds": summary["seconds"]})
-        return self.report(results, reference)
-
-    def report(self, results: list[dict], reference: Path) -> dict:
         teacher = json.loads((self.root / "teacher" / "summary.json").read_text())
         out = {"preset": PRESET, "data": str(self.data), "reference_images": str(reference),
                "reference_count": len(list(reference.glob("*.png"))),
                "teacher_steps": teacher["steps"], "rows": results, "timings_s": self.timings,
                "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
-               "quick": self.quick}
+               "quick": self.quick, "complete": len(results) == self.planned_rows}
         (self.root / "results.json").write_text(json.dumps(out, indent=1) + "\n")
         (self.root / "results.md").write_text(markdown_table(out))
-        save_grid(self.root / "grid.png", [self.root / "samples" / name / "images" for name in
-                                           ("teacher-rk45", "teacher-euler1", "student-nfe1",
-                                            "student-nfe2")])
+        rows = [self.root / "samples" / name / "images" for name in
+                ("teacher-rk45", "teacher-euler1", "student-nfe1", "student-nfe2")]
+        if all(folder.is_dir() for folder in rows):
+            save_grid(self.root / "grid.png", rows)
         return out
+
+    @property
+    def planned_rows(self) -> int:
+        return 8 + (4 if self.ablations else 0)
 
 
 def psnr_folders(folder: Path, reference: Path) -> float:
@@ -200,7 +214,8 @@ def save_grid(path: Path, folders: list[Path], columns: int = 10) -> None:
 def markdown_table(out: dict) -> str:
     lines = ["| model | sampler | NFE | FID | PSNR vs RK45 (dB) |", "|---|---|---:|---:|---:|"]
     for r in out["rows"]:
-        psnr = "(reference)" if r["samples"] == "teacher-rk45" else f"{r['psnr_vs_rk45_db']:.2f}"
+        psnr = ("(reference)" if r["samples"] == "teacher-rk45" else "(not yet)"
+                if r["psnr_vs_rk45_db"] is None else f"{r['psnr_vs_rk45_db']:.2f}")
         lines.append(f"| {r['model']} | {r['solver']} | {r['nfe']:g} | {r['fid']:.2f} | {psnr} |")
     count = out["rows"][0]["num_samples"]
     lines.append("")

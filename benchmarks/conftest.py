@@ -8,6 +8,8 @@ the student's 1-NFE sampling against the teacher's 100-step Euler.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -15,7 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from traflow_cli.engine.runtime import Runtime, setup_runtime
-from traflow_cli.jobs.bench import TrainingSteps, bench_models
+from traflow_cli.jobs.bench import (
+    bench_batches,
+    bench_models,
+    distill_train_steps,
+    teacher_train_step,
+    training_spec,
+)
 from traflow_cli.jobs.common import sample_shape
 from traflow_cli.presets import resolve_spec
 from traflow_cli.seeding import generator_for
@@ -35,8 +43,26 @@ class Setting:
     config: dict
     noise: Tensor
 
-    def training_steps(self) -> TrainingSteps:
-        return TrainingSteps(self.spec, self.teacher, self.config, self.noise, None, self.runtime)
+    def training_steps(self) -> dict[str, Callable[[], object]]:
+        """The jobs' own training steps (bench.py's train rows), each a call that runs the next
+        step number: "teacher", and "distill cached" / "distill per step" as the preset allows."""
+        batch = len(self.noise)
+        spec = training_spec(self.spec, self.config, batch)
+        batches, data = bench_batches(spec, self.runtime, batch)
+        runs = [teacher_train_step(spec, self.runtime, batches, data),
+                *distill_train_steps(spec, self.runtime, self.teacher, batches, data)]
+        return {_step_name(run.fields): _numbered(run.step_fn) for run in runs}
+
+
+def _step_name(fields: dict) -> str:
+    if "teacher_solve" not in fields:
+        return "teacher"
+    return f"distill {fields['teacher_solve']}"
+
+
+def _numbered(step_fn: Callable[[int], object]) -> Callable[[], object]:
+    steps = itertools.count()
+    return lambda: step_fn(next(steps))
 
 
 @pytest.fixture(scope="session", params=list(SETTINGS))

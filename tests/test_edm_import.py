@@ -10,12 +10,16 @@ import pickle
 import pickletools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import LOCAL_FIXTURES, SHARED_FIXTURES, invoke
+from safetensors.torch import load_file
 
-from traflow_cli import load_teacher
+from traflow_cli import load_student, load_teacher
 from traflow_cli.interop import CheckpointFormatError, UnsafePickleError, read_edm_snapshot
+from traflow_cli.jobs.writers import to_uint8
+from traflow_cli.sampling import noise_for_indices, teacher_grid
 
 EDM = SHARED_FIXTURES / "edm"
 # name: (snapshot, io file). Shared: made by the integrator with EDM's code; local: made with
@@ -107,7 +111,7 @@ def test_import_writes_a_teacher_run_with_a_fitting_preset(imported: dict[str, P
     assert summary["native_grid"] == "karras" and summary["num_classes"] == 7
     record = json.loads((imported["adm-cond"] / "spec.json").read_text())
     spec = record["spec"]
-    assert record["job"] == "teacher" and spec["preset"] == "cifar10"  # 16x16: not a 64 preset
+    assert record["job"] == "teacher" and spec["preset"] == "cifar10-edm"  # 16x16: not a 64 preset
     assert spec["net"]["kind"] == "edm" and spec["net"]["model"]["model_channels"] == 32
     assert spec["data"]["resolution"] == 16 and spec["data"]["use_labels"] is True
     vp = json.loads((imported["ddpmpp-vp-skip"] / "spec.json").read_text())["spec"]["net"]
@@ -244,18 +248,47 @@ def test_usage_errors_exit_2_with_one_error_line(args: list[str], tmp_path: Path
     assert not (tmp_path / "out").exists()
 
 
-def test_an_edm_teacher_distills_and_its_student_samples(imported: dict[str, Path],
-                                                         tmp_path: Path) -> None:
-    """To the rest of traflow an EDM teacher is a network like any other (v(x, t), a student
-    with u(x, t, s) and an output layer); the native grid is the integrator's wiring."""
+def test_an_edm_teacher_distills_on_its_karras_grid_and_its_student_samples(
+        imported: dict[str, Path], tmp_path: Path) -> None:
+    """The teacher's own grid and sampler reach distillation: the cached trajectories end where
+    EDM's Heun sampler ends from the same noise, the student jumps on that grid from t_min, and
+    class labels are drawn per sample index (or fixed by --class-label)."""
+    teacher_dir = imported["adm-cond"]
     student = tmp_path / "student"
-    result = invoke("distill", "--teacher", imported["adm-cond"], "--preset", "cifar10",
-                    "--out", student, "--set", "distill.grid_steps=4", "--set",
-                    "distill.batch_size=4", "--set", "distill.log_every_steps=1", "--steps", "2",
-                    "--device", "cpu", "--json")
+    result = invoke("distill", "--teacher", teacher_dir, "--out", student,
+                    "--set", "distill.grid_steps=4", "--set", "distill.batch_size=4",
+                    "--set", "distill.trajectory_cache=4", "--set", "distill.log_every_steps=1",
+                    "--steps", "2", "--device", "cpu", "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["final_metrics"]
     assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if k.startswith("loss"))
-    result = invoke("sample", student, "-n", "4", "--batch-size", "4", "--nfe", "2", "--json")
+
+    teacher = load_teacher(teacher_dir)
+    cache = load_file(student / "teacher_trajectories.safetensors")
+    ends = teacher.sample(cache["noise"], steps=4, solver="heun", grid="karras",
+                          class_labels=cache["labels"])
+    assert rel_err(cache["trajectory"][-1], ends) < 1e-5
+    t_min = 1 / (1 + teacher.sigma_range[1])
+    assert cache["trajectory"][0].double().div(cache["noise"].double()).sub(1 - t_min).abs().max() \
+        < 1e-5  # EDM's sigma_max * latents, in our scale
+
+    loaded = load_student(student)
+    assert loaded.time_grid == "karras" and loaded.grid_steps == 4
+    karras = teacher_grid("karras", 4, teacher.sigma_range)
+    assert torch.equal(loaded.times(2), karras[[0, 2, 4]])  # jumps between points it was taught
+    assert loaded.times(1)[0].item() == pytest.approx(t_min)
+
+    out = tmp_path / "samples"
+    result = invoke("sample", student, "-n", "9", "--batch-size", "4", "--nfe", "2",
+                    "--format", "both", "--out", out, "--json")
     assert result.exit_code == 0, result.output
-    assert len(list((Path(json.loads(result.stdout)["out"]) / "images").glob("*.png"))) == 4
+    assert len(list((out / "images").glob("*.png"))) == 9
+    assert np.load(out / "samples.npz")["labels"].tolist() == [i % 7 for i in range(9)]
+    fixed = tmp_path / "class3"
+    result = invoke("sample", student, "-n", "4", "--nfe", "1", "--class-label", "3",
+                    "--format", "both", "--out", fixed)
+    assert result.exit_code == 0, result.output
+    assert np.load(fixed / "samples.npz")["labels"].tolist() == [3] * 4
+    noise = noise_for_indices(range(4), (3, 16, 16), 0)
+    expected = loaded.sample(noise, nfe=1, class_labels=torch.full((4,), 3))
+    assert np.array_equal(np.load(fixed / "samples.npz")["images"], to_uint8(expected))

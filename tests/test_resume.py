@@ -185,3 +185,26 @@ def test_a_second_process_is_refused_while_the_first_trains(tmp_path: Path) -> N
     assert proc.returncode == 130, stderr
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # one writer: every row once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["flipped-bytes", "truncated"])
+def test_a_damaged_trajectory_cache_is_solved_again_and_the_run_ends_identical(
+        fault: str, toy_teacher: Path, tmp_path: Path, uninterrupted: dict) -> None:
+    out = tmp_path / "student"
+    half = [a if a != "40" else "20" for a in ARGS]
+    assert invoke("distill", "--teacher", toy_teacher, "--out", out, *half).exit_code == 0
+    cache = out / "teacher_trajectories.safetensors"
+    data = bytearray(cache.read_bytes())
+    if fault == "flipped-bytes":  # inside the tensors: the header still parses
+        middle = len(data) // 2
+        data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    else:
+        del data[len(data) // 3:]
+    cache.write_bytes(bytes(data))
+    result = invoke("distill", "--teacher", toy_teacher, "--out", out, *ARGS)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "teacher_trajectories" in warnings[0], result.stderr
+    assert "solving the teacher's trajectories again" in warnings[0]
+    _assert_identical(_final_weights(out), uninterrupted)

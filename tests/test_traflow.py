@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -11,12 +12,17 @@ from torch import nn
 from traflow_cli.flow import time_grid, trajectory_on_grid
 from traflow_cli.nets import build_net, student_from_teacher
 from traflow_cli.traflow import (
+    TeacherSolve,
     TraFlowConfig,
     draw_times,
     jump,
     jump_derivative,
+    jump_rows,
     sample_grid_indices,
+    solve_teacher,
+    student_terms,
     traflow_loss,
+    traflow_targets,
 )
 
 MLP = {"kind": "mlp", "dim": 2, "hidden": 32, "depth": 2, "time_dim": 16}
@@ -90,7 +96,7 @@ def test_grid_draw_respects_ctm_constraints_and_weights_k_by_size() -> None:
     assert torch.allclose(freq, expected, atol=3e-3)
 
 
-def _straight_case(b_student: torch.Tensor, config: TraFlowConfig):
+def _straight_case(b_student: torch.Tensor, config: TraFlowConfig, grid_steps: int = 6):
     b_teacher = torch.tensor([1.5, -0.5])
     teacher = lambda x, t: b_teacher.expand_as(x)  # noqa: E731
     student = ConstantVelocity(b_student)
@@ -98,13 +104,14 @@ def _straight_case(b_student: torch.Tensor, config: TraFlowConfig):
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(64, 2, generator=gen)
     data = noise + b_teacher
-    return traflow_loss(student, target, teacher, noise, config=config,
-                        times=draw_times(config, 64, gen), data=data,
+    grid = time_grid(grid_steps)
+    return traflow_loss(student, target, teacher, noise, config=config, grid=grid,
+                        times=draw_times(grid, 64, gen), data=data,
                         last_layer=student.output_layer.weight)
 
 
 def test_every_term_vanishes_when_the_student_is_the_straight_teacher() -> None:
-    config = TraFlowConfig(grid_steps=6, w_fm=1.0)
+    config = TraFlowConfig(w_fm=1.0)
     loss = _straight_case(torch.tensor([1.5, -0.5]), config)
     assert set(loss.terms) == {"out", "sc", "vel", "fm", "lambda_vel"}
     for name in ("out", "sc", "vel", "fm"):
@@ -112,17 +119,17 @@ def test_every_term_vanishes_when_the_student_is_the_straight_teacher() -> None:
 
 
 def test_every_term_sees_a_student_that_is_off_the_teacher() -> None:
-    loss = _straight_case(torch.tensor([1.0, 0.0]), TraFlowConfig(grid_steps=6, w_fm=1.0))
+    loss = _straight_case(torch.tensor([1.0, 0.0]), TraFlowConfig(w_fm=1.0))
     for name in ("out", "sc", "vel", "fm"):
         assert float(loss.terms[name]) > 1e-3, name
     lam = float(loss.terms["lambda_vel"])
     assert 0.01 <= lam <= 10.0
-    loss.total.backward()
+    loss.backward()
 
 
 @pytest.mark.parametrize("off", ["w_out", "w_vel", "w_sc"])
 def test_a_term_with_weight_zero_is_neither_computed_nor_logged(off: str) -> None:
-    config = TraFlowConfig(grid_steps=6, **{off: 0.0})
+    config = TraFlowConfig(**{off: 0.0})
     loss = _straight_case(torch.tensor([1.0, 0.0]), config)
     assert off.removeprefix("w_") not in loss.terms
 
@@ -130,12 +137,12 @@ def test_a_term_with_weight_zero_is_neither_computed_nor_logged(off: str) -> Non
 def test_cached_teacher_trajectory_gives_the_same_loss_as_solving_it() -> None:
     teacher, student = _pair()
     target = copy.deepcopy(student).requires_grad_(False)
-    config = TraFlowConfig(grid_steps=5)
+    config, grid = TraFlowConfig(), time_grid(5)
     noise = torch.randn(16, 2)
-    times = draw_times(config, 16, torch.Generator().manual_seed(3))
-    cached = trajectory_on_grid(teacher, noise, torch.zeros(16, dtype=torch.long), time_grid(5))
-    a = traflow_loss(student, target, teacher, noise, config=config, times=times)
-    b = traflow_loss(student, target, teacher, noise, config=config, times=times,
+    times = draw_times(grid, 16, torch.Generator().manual_seed(3))
+    cached = trajectory_on_grid(teacher, noise, torch.zeros(16, dtype=torch.long), grid)
+    a = traflow_loss(student, target, teacher, noise, config=config, grid=grid, times=times)
+    b = traflow_loss(student, target, teacher, noise, config=config, grid=grid, times=times,
                      trajectory=cached)
     for name in ("out", "sc", "vel"):
         assert torch.allclose(a.terms[name], b.terms[name]), name
@@ -144,11 +151,157 @@ def test_cached_teacher_trajectory_gives_the_same_loss_as_solving_it() -> None:
 def test_data_start_and_fixed_lambda_run_and_stay_finite() -> None:
     teacher, student = _pair()
     target = copy.deepcopy(student).requires_grad_(False)
-    config = TraFlowConfig(grid_steps=5, start="data", w_fm=0.5, lambda_vel=2.0,
-                           distance="pseudo_huber", derivative="fd")
-    gen = torch.Generator().manual_seed(1)
-    loss = traflow_loss(student, target, teacher, torch.randn(16, 2), config=config,
-                        times=draw_times(config, 16, gen), data=torch.randn(16, 2))
+    config = TraFlowConfig(start="data", w_fm=0.5, lambda_vel=2.0, distance="pseudo_huber",
+                           derivative="fd")
+    gen, grid = torch.Generator().manual_seed(1), time_grid(5)
+    loss = traflow_loss(student, target, teacher, torch.randn(16, 2), config=config, grid=grid,
+                        times=draw_times(grid, 16, gen), data=torch.randn(16, 2))
     assert float(loss.terms["lambda_vel"]) == 2.0
     assert torch.isfinite(loss.total)
-    loss.total.backward()
+    loss.backward()
+
+
+def test_every_traflow_config_field_is_a_distill_spec_field_with_the_same_default() -> None:
+    from traflow_cli.jobs.distill import traflow_config
+    from traflow_cli.specs import DistillSpec
+
+    spec_fields = DistillSpec.model_fields
+    for f in dataclasses.fields(TraFlowConfig):
+        assert f.name in spec_fields, f"TraFlowConfig.{f.name} has no distill.{f.name}"
+        assert spec_fields[f.name].default == f.default, f.name
+    assert traflow_config(DistillSpec()) == TraFlowConfig()
+    changed = DistillSpec(w_vel=0.5, lambda_vel=2.0, teacher_solver="euler", lambda_clip=(0.1, 3))
+    assert traflow_config(changed) == TraFlowConfig(w_vel=0.5, lambda_vel=2.0,
+                                                    teacher_solver="euler", lambda_clip=(0.1, 3))
+
+
+def test_the_teacher_side_needs_no_gradient_and_the_student_side_makes_the_loss() -> None:
+    teacher, student = _pair()
+    target = copy.deepcopy(student).requires_grad_(False)
+    config, grid = TraFlowConfig(w_fm=0.5), time_grid(5)
+    noise, data = torch.randn(16, 2), torch.randn(16, 2)
+    times = draw_times(grid, 16, torch.Generator().manual_seed(4))
+    solve = solve_teacher(teacher, noise, grid, times, config=config)
+    targets = traflow_targets(target, solve, noise, grid, times, config=config, data=data)
+    no_grad = [v for v in vars(targets).values() if isinstance(v, torch.Tensor)]
+    assert len(no_grad) == 13 and not any(v.requires_grad for v in no_grad)
+    last = student.output_layer.weight
+    torch.manual_seed(0)
+    split = student_terms(student, target, targets, config=config, last_layer=last)
+    torch.manual_seed(0)
+    whole = traflow_loss(student, target, teacher, noise, config=config, grid=grid, times=times,
+                         data=data, last_layer=last)
+    assert torch.equal(split.total, whole.total) and split.total.requires_grad
+    assert split.terms.keys() == whole.terms.keys() == {"out", "sc", "vel", "fm", "lambda_vel"}
+
+
+def test_a_grid_that_starts_above_zero_bounds_every_time_and_starts_the_solve_there() -> None:
+    teacher, student = _pair()
+    target = copy.deepcopy(student).requires_grad_(False)
+    grid = torch.linspace(0.2, 1.0, 7)
+    config = TraFlowConfig(w_fm=0.5)
+    times = draw_times(grid, 4096, torch.Generator().manual_seed(5))
+    for name in ("r", "s_vel", "t_fm"):
+        value = getattr(times, name)
+        assert float(value.min()) >= 0.2 and float(value.max()) <= 1.0, name
+    assert float(times.r.min()) < 0.21 and float(times.t_fm.min()) < 0.21  # the whole range
+    noise = torch.randn(4096, 2)
+    solve = solve_teacher(teacher, noise, grid, times, config=config)
+    assert solve.trajectory.shape == (7, 4096, 2)
+    assert torch.equal(solve.trajectory[0], 0.8 * noise)  # (1 - grid[0]) * noise at grid[0]
+    targets = traflow_targets(target, solve, noise, grid, times, config=config,
+                              data=torch.randn(4096, 2))
+    assert float(targets.t.min()) >= 0.2 and float(targets.s.max()) == 1.0
+    loss = student_terms(student, target, targets, config=config,
+                         last_layer=student.output_layer.weight)
+    assert torch.isfinite(loss.total)
+
+
+def test_a_uniform_grid_draws_what_it_always_drew() -> None:
+    """The grid's first time enters the draw only above 0: runs made before it are unchanged."""
+    gen = torch.Generator().manual_seed(6)
+    times = draw_times(time_grid(9), 32, gen)
+    gen = torch.Generator().manual_seed(6)
+    i, k, j = sample_grid_indices(9, 32, gen)
+    r = torch.rand(32, generator=gen)
+    s_vel = r + (1 - r) * torch.rand(32, generator=gen)
+    t_fm = 1e-3 + (1 - 1e-3) * torch.rand(32, generator=gen)
+    for name, value in dict(i=i, k=k, j=j, r=r, s_vel=s_vel, t_fm=t_fm).items():
+        assert torch.equal(getattr(times, name), value), name
+
+
+def test_a_jump_to_its_own_time_skips_the_network_and_passes_gradients_unchanged() -> None:
+    _, student = _pair()
+    x = torch.randn(8, 2, requires_grad=True)
+    t = torch.rand(8) * 0.5
+    s = torch.where(torch.arange(8) % 3 == 0, t, t + 0.4)  # rows 0, 3, 6 jump nowhere
+    rows = torch.nonzero(s != t).squeeze(1)
+    calls: list[int] = []
+    student.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    skipped = jump_rows(student, x, t, s, rows=rows)
+    assert calls == [5]
+    assert torch.allclose(skipped, jump(student, x, t, s), rtol=1e-6, atol=1e-7)
+    assert torch.equal(skipped[s == t], x[s == t].detach())
+    (grad,) = torch.autograd.grad(skipped.sum(), x)
+    assert torch.equal(grad[s == t], torch.ones(3, 2))
+
+
+def _off_teacher_student() -> tuple[nn.Module, nn.Module, nn.Module]:
+    teacher, student = _pair()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return teacher, student, copy.deepcopy(student).requires_grad_(False)
+
+
+def _gradients(student: nn.Module, loss) -> list[torch.Tensor]:
+    student.zero_grad(set_to_none=True)
+    loss.backward()
+    return [p.grad.clone() for p in student.parameters()]
+
+
+def test_adaptive_lambda_and_its_shared_backward_equal_the_plain_gradients() -> None:
+    """lambda = ||grad consistency|| / ||grad L_vel|| on the last layer, and loss.backward()
+    (which reuses the consistency gradient lambda took) equals the gradient of the total."""
+    teacher, student, target = _off_teacher_student()
+    grid, noise = time_grid(6), torch.randn(64, 2)
+    times = draw_times(grid, 64, torch.Generator().manual_seed(7))
+
+    def loss_with(lambda_vel: float | str):
+        torch.manual_seed(0)
+        return traflow_loss(student, target, teacher, noise, config=TraFlowConfig(
+            lambda_vel=lambda_vel, lambda_clip=(1e-4, 1e4)), grid=grid, times=times,
+            last_layer=student.output_layer.weight)
+
+    adaptive = loss_with("adaptive")
+    lam = float(adaptive.terms["lambda_vel"])
+    got = _gradients(student, adaptive)
+    # With a fixed lambda the total is differentiated plainly: grad = g_cons + lambda * g_vel.
+    one, two = _gradients(student, loss_with(1.0)), _gradients(student, loss_with(2.0))
+    last = [n for n, _ in student.named_parameters()].index("output_layer.weight")
+    g_vel = two[last] - one[last]
+    g_cons = one[last] - g_vel
+    assert lam == pytest.approx(float(g_cons.norm() / g_vel.norm()), rel=1e-4)
+    for a, b1, b2 in zip(got, one, two, strict=True):
+        assert torch.allclose(a, b1 + (lam - 1.0) * (b2 - b1), rtol=1e-4, atol=1e-7)
+
+
+def test_vel_every_puts_the_velocity_term_on_every_nth_row_of_the_global_batch() -> None:
+    teacher, student, target = _off_teacher_student()
+    grid, noise = time_grid(6), torch.randn(64, 2)
+    times = draw_times(grid, 64, torch.Generator().manual_seed(8), vel_every=4)
+    assert torch.equal(times.vel, torch.arange(64) % 4 == 0)
+    # A process's share keeps the global rule, so N processes compute what one does.
+    assert torch.equal(times.rows(slice(32, 64)).vel, torch.arange(32) % 4 == 0)
+    sizes: list[int] = []
+    handle = student.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    config = TraFlowConfig(vel_every=4, w_out=0.0, w_sc=0.0)
+    loss = traflow_loss(student, target, teacher, noise, config=config, grid=grid, times=times)
+    handle.remove()
+    assert sizes == [16]  # one jvp, on rows 0, 4, ..., 60
+    every_row = traflow_targets(target, TeacherSolve.cached(trajectory_on_grid(
+        teacher, noise, torch.zeros(64, dtype=torch.long), grid)), noise, grid,
+        draw_times(grid, 64, torch.Generator().manual_seed(8)), config=TraFlowConfig())
+    d_jump = jump_derivative(student, every_row.x_r, every_row.r, every_row.s_vel)
+    per_row = ((d_jump - every_row.chord_velocity) ** 2).mean(1)
+    assert torch.allclose(loss.terms["vel"], per_row[::4].mean(), rtol=1e-5)

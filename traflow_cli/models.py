@@ -12,7 +12,13 @@ from torch import Tensor, nn
 
 from traflow_cli.engine.checkpoint import CheckpointError, run_checkpoint
 from traflow_cli.nets import build_net
-from traflow_cli.sampling import sample_student, sample_teacher, student_times, teacher_velocity
+from traflow_cli.sampling import (
+    sample_student,
+    sample_teacher,
+    start_state,
+    student_grid_times,
+    teacher_velocity,
+)
 from traflow_cli.traflow import call_net, jump
 
 
@@ -60,22 +66,42 @@ class Teacher(nn.Module):
 
 
 class Student(nn.Module):
-    """A TraFlow student: jump(x, t, s) = G(x, t, s) = x + (s - t) u(x, t, s)."""
+    """A TraFlow student: jump(x, t, s) = G(x, t, s) = x + (s - t) u(x, t, s).
 
-    def __init__(self, net: nn.Module, config: dict) -> None:
+    `time_grid` and `grid_steps` are the teacher grid it was distilled on: `times(nfe)` places
+    its jumps on that grid, from where the teacher's solves started (t = 0 for a rectified flow,
+    t_min = 1 / (1 + sigma_max) for an EDM teacher) to the data end.
+    """
+
+    def __init__(self, net: nn.Module, config: dict, time_grid: str = "uniform",
+                 grid_steps: int = 18) -> None:
         super().__init__()
         self.net = net
         self.config = config
+        self.time_grid = time_grid
+        self.grid_steps = grid_steps
+
+    @property
+    def sigma_range(self) -> tuple[float, float] | None:
+        """Its EDM teacher's (sigma_lo, sigma_hi); None for a rectified-flow student."""
+        return getattr(self.net, "sigma_range", None)
 
     def jump(self, x: Tensor, t: Tensor, s: Tensor, class_labels: Tensor | None = None) -> Tensor:
         return jump(self.net, x, t, s, class_labels)
 
     forward = jump
 
+    def times(self, nfe: int, grid: str | None = None) -> Tensor:
+        """The jump times [nfe + 1] for `nfe` jumps on its grid (or on `grid`)."""
+        return student_grid_times(nfe, grid or self.time_grid, self.grid_steps, self.sigma_range)
+
     @torch.no_grad()
     def sample(self, noise: Tensor, nfe: int = 1, class_labels: Tensor | None = None) -> Tensor:
-        """Samples from noise [B, ...] with `nfe` uniform jumps."""
-        return sample_student(self.net, noise, student_times(nfe), labels=class_labels)
+        """Samples from noise [B, ...] with `nfe` jumps; noise is scaled to the first time's
+        state, (1 - t_0) noise, as the teacher's solves began."""
+        times = self.times(nfe)
+        return sample_student(self.net, start_state(noise, times[0]), times,
+                              labels=class_labels)
 
 
 def _load_net(run_dir: str | Path, role: str, device: str | torch.device
@@ -99,5 +125,7 @@ def load_teacher(run_dir: str | Path, device: str | torch.device = "cpu") -> Tea
 
 def load_student(run_dir: str | Path, device: str | torch.device = "cpu") -> Student:
     """The student of a `traflow distill` run folder (its evaluation-EMA weights)."""
-    net, config, _ = _load_net(run_dir, "student", device)
-    return Student(net, config).eval()
+    net, config, metadata = _load_net(run_dir, "student", device)
+    # Students distilled before the grid was recorded used the uniform grid of the spec.
+    return Student(net, config, time_grid=metadata.get("time_grid", "uniform"),
+                   grid_steps=int(metadata.get("grid_steps", "18"))).eval()

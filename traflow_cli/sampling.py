@@ -21,7 +21,7 @@ from traflow_cli.flow import (
     time_of_sigma,
 )
 from traflow_cli.times import check_sampling_times
-from traflow_cli.traflow import jump
+from traflow_cli.traflow import jump, start_state
 
 TEACHER_SOLVERS = ("euler", "heun", "rk45")
 
@@ -114,9 +114,23 @@ def teacher_stepper(solver: str, sigma_range: SigmaRange) -> str:
     return "heun_sigma" if solver == "heun" and sigma_range is not None else solver
 
 
-def start_state(noise: Tensor, t_start: float | Tensor) -> Tensor:
-    """The path's state at t_start for this noise, ignoring the data term: (1 - t) * noise."""
-    return noise if float(t_start) == 0.0 else (1 - t_start) * noise
+def student_grid_times(nfe: int, grid: str, grid_steps: int, sigma_range: SigmaRange = None
+                       ) -> Tensor:
+    """A student's `nfe` jump times [nfe + 1], from where its teacher's solves started to 1.
+
+    "uniform": evenly spaced in t (0, 1/nfe, ..., 1 for a rectified flow). "karras": points of
+    the Karras grid the student was distilled on (`grid_steps` steps), at evenly spaced indices,
+    since its consistency terms taught it to jump between exactly those points; more jumps
+    than grid points take a Karras grid of `nfe` steps.
+    """
+    if grid == "karras":
+        if nfe > grid_steps:
+            return teacher_grid("karras", nfe, sigma_range)
+        points = teacher_grid("karras", grid_steps, sigma_range)
+        return points[torch.linspace(0, grid_steps, nfe + 1).round().long()]
+    if grid != "uniform":
+        raise ValueError(f"grid must be 'uniform' or 'karras', got {grid!r}")
+    return torch.linspace(teacher_start_time("uniform", sigma_range), 1.0, nfe + 1)
 
 
 @torch.no_grad()

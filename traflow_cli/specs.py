@@ -18,7 +18,8 @@ from traflow_cli.runfolder import require_run
 from traflow_cli.times import check_sampling_times
 
 TOY_DATASETS = ("checkerboard", "ring8")
-IMAGE_DATASETS = ("cifar10", "celeba64", "ffhq64", "imagenet64", "shapes32", "folder")
+IMAGE_DATASETS = ("cifar10", "celeba64", "ffhq64", "afhqv2-64", "imagenet64", "shapes32",
+                  "folder")
 
 # Strict numbers: `batch_size = true` is not 1 and `hflip = 1` is not true. Floats accept
 # integers (lr = 1) but never booleans; non-finite values are refused by Section's config.
@@ -54,7 +55,7 @@ class RuntimeSpec(Section):
 class DataSpec(Section):
     """Training data: an exact toy distribution or an image dataset in [-1, 1]."""
 
-    name: Literal["checkerboard", "ring8", "cifar10", "celeba64", "ffhq64", "imagenet64",
+    name: Literal["checkerboard", "ring8", "cifar10", "celeba64", "ffhq64", "afhqv2-64", "imagenet64",
                   "shapes32", "folder"] = "ring8"
     path: str | None = None
     resolution: PositiveInt = 32
@@ -214,6 +215,9 @@ class DistillSpec(TrainingSpec):
     teacher: str | None = None
     grid_steps: PositiveInt = 18
     teacher_solver: Literal["heun", "euler"] = "heun"
+    # The teacher's time grid: "native" is the teacher run's own ("karras" for EDM imports,
+    # "uniform" for rectified flows); Heun on an EDM teacher steps in EDM's coordinates.
+    time_grid: Literal["native", "uniform", "karras"] = "native"
     start: Literal["teacher", "data"] = "teacher"
     w_out: NonNegativeFloat = 1.0
     w_vel: NonNegativeFloat = 1.0
@@ -225,6 +229,7 @@ class DistillSpec(TrainingSpec):
     huber_c: PositiveFloat = 0.03
     derivative: Literal["jvp", "fd"] = "jvp"
     fd_step: PositiveFloat = 1e-3
+    vel_every: PositiveInt = 1
     target_ema: Unit = 0.9999
     trajectory_cache: NonNegativeInt = 0
 
@@ -257,6 +262,9 @@ class SampleSpec(Section):
     gamma: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] = 0.0
     solver: Literal["euler", "heun", "rk45"] = "euler"
     steps: PositiveInt = 100
+    # Teacher: the grid its solver steps on; student: where its nfe jumps land. "native" is the
+    # run's own (an EDM teacher's Karras grid; the grid a student was distilled on).
+    time_grid: Literal["native", "uniform", "karras"] = "native"
     rtol: PositiveFloat = 1e-5
     atol: PositiveFloat = 1e-5
     format: Literal["png", "npz", "both"] = "png"

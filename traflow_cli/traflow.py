@@ -2,7 +2,13 @@
 
 Notation follows METHOD.md: t = 0 is noise, t = 1 is data; the student jumps with
 G(x_t, t, s) = x_t + (s - t) * u(x_t, t, s); G^- is the student with its target-EMA weights;
-Phi is the teacher's ODE solve on the grid tau_0 = 0 < ... < tau_N = 1.
+Phi is the teacher's ODE solve on the grid tau_0 < ... < tau_N = 1 (tau_0 = 0 for a uniform grid;
+a grid may start above 0, and the solve then starts there from (1 - tau_0) * noise).
+
+One loss call has two sides, as METHOD.md's "Cost per step" splits it:
+- without gradient: the teacher's trajectory (`solve_teacher`, or a cached one) and, from it,
+  the targets (`traflow_targets`: x_t, the G^- ends of L_out and L_sc, the chord of L_vel);
+- with gradient: the student's terms against those targets (`student_terms`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from traflow_cli.flow import (
+    TRAIN_EPS,
     Velocity,
     interpolate,
     per_sample,
@@ -21,36 +28,50 @@ from traflow_cli.flow import (
     sample_train_times,
     solve_on_grid,
     target_velocity,
-    time_grid,
     trajectory_on_grid,
 )
 
 
 @dataclass(frozen=True)
 class TraFlowConfig:
-    """Every choice of the objective; each is a spec field (METHOD.md marks ours)."""
+    """Every choice of the objective (METHOD.md marks ours). The spec's `distill` section has a
+    field of the same name and default for each; the job builds this from it."""
 
-    grid_steps: int = 18              # N of the teacher grid
-    teacher_solver: str = "heun"      # Phi: "heun" or "euler" on the grid
+    teacher_solver: str = "heun"      # Phi's stepper on the grid, by name (flow.trajectory_on_grid)
     start: str = "teacher"            # x_t = Phi(noise, 0 -> t) ("teacher") or the data path
     w_out: float = 1.0                # output reconstruction
     w_vel: float = 1.0                # velocity (straightness) on the teacher's chord
     w_sc: float = 1.0                 # self-consistency
     w_fm: float = 0.0                 # optional flow-matching anchor with real data
-    lambda_vel: float | None = None   # None: adaptive gradient-norm ratio
+    lambda_vel: float | str = "adaptive"  # "adaptive": the clipped gradient-norm ratio; or fixed
     lambda_clip: tuple[float, float] = (0.01, 10.0)
     distance: str = "l2"              # "l2" or "pseudo_huber"
     huber_c: float = 0.03
     derivative: str = "jvp"           # dG/ds by forward-mode AD ("jvp") or central difference ("fd")
     fd_step: float = 1e-3
+    # A speed option that changes the estimator (measured in docs/PERFORMANCE.md):
+    vel_every: int = 1                # L_vel on every vel_every-th row of the batch (1: all rows)
 
 
 @dataclass
 class TraFlowLoss:
-    """The scalar to minimise and each term, detached, for logging."""
+    """The scalar to minimise and each term, detached, for logging; differentiate it with
+    `backward()` (with the adaptive lambda, the consistency terms' gradient at the student's
+    jump was already taken once, and the backward reuses it instead of paying G^- again)."""
 
     total: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)
+    # (G(x_t, t, s) [B, ...], d consistency / d G [B, ...], the rest of the total []): set when
+    # the consistency gradient was taken ahead of the backward (adaptive_lambda).
+    split: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def backward(self) -> None:
+        """d total / d weights into the weights' .grad, as total.backward() would."""
+        if self.split is None:
+            self.total.backward()
+            return
+        student_jump, jump_grad, rest = self.split
+        torch.autograd.backward([student_jump, rest], [jump_grad, torch.ones_like(rest)])
 
 
 def call_net(net: nn.Module, x: Tensor, t: Tensor, s: Tensor | None = None,
@@ -63,6 +84,18 @@ def call_net(net: nn.Module, x: Tensor, t: Tensor, s: Tensor | None = None,
 def jump(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None = None) -> Tensor:
     """G(x, t, s) = x + (s - t) * u(x, t, s); x [B, ...], t, s [B]. G(x, t, t) = x exactly."""
     return x + per_sample(s - t, x) * call_net(net, x, t, s, labels)
+
+
+def jump_rows(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None = None,
+              rows: Tensor | None = None) -> Tensor:
+    """G(x, t, s) [B, ...] with only `rows` [M] (those where s != t) through the network: the
+    others are G(x, t, t) = x exactly, so they cost nothing (and pass gradients unchanged)."""
+    if rows is None or len(rows) == len(x):
+        return jump(net, x, t, s, labels)
+    if len(rows) == 0:
+        return x
+    moved = jump(net, x[rows], t[rows], s[rows], None if labels is None else labels[rows])
+    return x.index_copy(0, rows, moved.to(x.dtype))
 
 
 def jump_derivative(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None = None,
@@ -106,20 +139,28 @@ class TimeDraw:
     r: Tensor      # [B] chord time for L_vel
     s_vel: Tensor  # [B] jump target for L_vel, r <= s_vel <= 1
     t_fm: Tensor   # [B] time of the flow-matching anchor
+    vel: Tensor    # [B] bool: the rows that carry L_vel (every vel_every-th of the global batch)
 
     def rows(self, index: slice | Tensor) -> TimeDraw:
         """The draw for a subset of the batch (a rank's share under DDP)."""
         return TimeDraw(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
 
 
-def draw_times(config: TraFlowConfig, batch: int, generator: torch.Generator) -> TimeDraw:
-    """Draw every time of a TraFlow loss for a batch from one generator."""
-    i, k, j = sample_grid_indices(config.grid_steps, batch, generator)
+def draw_times(grid: Tensor, batch: int, generator: torch.Generator, *,
+               vel_every: int = 1) -> TimeDraw:
+    """Draw every time of a TraFlow loss for a batch from one generator, on the teacher's grid
+    [N + 1] (pass it on the host: its first time is read). Every time lies in [grid[0], 1].
+    Rows 0, vel_every, 2 vel_every, ... of the batch carry L_vel (the draw is the same)."""
+    i, k, j = sample_grid_indices(len(grid) - 1, batch, generator)
     dev = generator.device
+    t_min = float(grid[0])
     r = torch.rand(batch, generator=generator, device=dev)
+    if t_min > 0:
+        r = t_min + (1 - t_min) * r
     s_vel = r + (1 - r) * torch.rand(batch, generator=generator, device=dev)
-    t_fm = sample_train_times(batch, generator, dev)
-    return TimeDraw(i=i, k=k, j=j, r=r, s_vel=s_vel, t_fm=t_fm)
+    t_fm = sample_train_times(batch, generator, dev, eps=max(TRAIN_EPS, t_min))
+    vel = torch.arange(batch, device=dev) % vel_every == 0
+    return TimeDraw(i=i, k=k, j=j, r=r, s_vel=s_vel, t_fm=t_fm, vel=vel)
 
 
 def distance(a: Tensor, b: Tensor, kind: str = "l2", huber_c: float = 0.03) -> Tensor:
@@ -132,108 +173,226 @@ def distance(a: Tensor, b: Tensor, kind: str = "l2", huber_c: float = 0.03) -> T
     raise ValueError(f"distance must be 'l2' or 'pseudo_huber', got {kind!r}")
 
 
-def adaptive_lambda(consistency: Tensor, velocity_loss: Tensor, last_layer: Tensor,
-                    clip: tuple[float, float], grad_mean: Callable[[Tensor], Tensor] | None = None
-                    ) -> Tensor:
+def adaptive_lambda(consistency: Tensor, student_jump: Tensor, velocity_loss: Tensor,
+                    last_layer: Tensor, clip: tuple[float, float],
+                    grad_mean: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """||grad consistency|| / ||grad L_vel|| on the last layer's weight, clipped (SCoT's weighting).
 
-    Under data parallelism each process sees part of the batch: `grad_mean` averages the two
-    gradients over processes before the norms, so lambda is the whole batch's on every process.
+    The consistency terms reach the weights only through the student's jump G(x_t, t, s)
+    (`student_jump`): their gradient there is taken once, freeing G^-'s graph, and returned with
+    lambda, so that the step's backward continues from it (TraFlowLoss.backward) instead of
+    differentiating through G^- a second time. Under data parallelism each process sees part of
+    the batch: `grad_mean` averages the two last-layer gradients over processes before the
+    norms, so lambda is the whole batch's on every process.
     """
-    g_cons = torch.autograd.grad(consistency, last_layer, retain_graph=True)[0]
+    (jump_grad,) = torch.autograd.grad(consistency, student_jump)
+    g_cons = torch.autograd.grad(student_jump, last_layer, jump_grad, retain_graph=True)[0]
     g_vel = torch.autograd.grad(velocity_loss, last_layer, retain_graph=True)[0]
     if grad_mean is not None:
         g_cons, g_vel = grad_mean(torch.stack([g_cons, g_vel])).unbind()
-    return (g_cons.norm() / (g_vel.norm() + 1e-8)).clamp(*clip).detach()
+    return (g_cons.norm() / (g_vel.norm() + 1e-8)).clamp(*clip).detach(), jump_grad
 
 
-def traflow_loss(student: nn.Module, target: nn.Module, teacher: Velocity, noise: Tensor, *,
-                 config: TraFlowConfig, times: TimeDraw, data: Tensor | None = None,
-                 labels: Tensor | None = None, last_layer: Tensor | None = None,
-                 trajectory: Tensor | None = None,
-                 grad_mean: Callable[[Tensor], Tensor] | None = None) -> TraFlowLoss:
-    """One TraFlow loss on a batch of noise [B, ...] (and data, for start="data" or w_fm > 0).
+@dataclass
+class TeacherSolve:
+    """The teacher's part of a batch, the only part a trajectory cache can hold (no gradient).
 
-    `teacher(x, t)` is the teacher velocity (labels already bound); `target` is G^-'s network,
-    whose weights must not require grad; `last_layer` is the student weight used to balance
-    L_vel when config.lambda_vel is None; `trajectory` [N + 1, B, ...] is the teacher's solve
-    from this noise on the grid, when it was cached, so that it is not paid again; `grad_mean`
-    averages over data-parallel processes (see adaptive_lambda).
+    trajectory [N + 1, B, ...]: the teacher's states on the grid (from noise for start="teacher",
+    from each sample's x_t onwards for start="data"); x_hat [B, ...]: Phi(noise, grid[0] -> 1),
+    the chord's end for L_vel (None when L_vel is off and the trajectory does not end there).
     """
+
+    trajectory: Tensor
+    x_hat: Tensor | None
+
+    @classmethod
+    def cached(cls, trajectory: Tensor) -> TeacherSolve:
+        """A solve read from a cache of trajectories that start at noise."""
+        return cls(trajectory=trajectory, x_hat=trajectory[-1])
+
+
+def start_state(noise: Tensor, t_start: float | Tensor) -> Tensor:
+    """The path's state at t_start for this noise, ignoring the data term: (1 - t_start) * noise
+    (the noise itself at 0); where a teacher's ODE starts (grid[0]), without a host sync."""
+    return (1 - t_start) * noise
+
+
+@torch.no_grad()
+def solve_teacher(teacher: Velocity, noise: Tensor, grid: Tensor, times: TimeDraw, *,
+                  config: TraFlowConfig, data: Tensor | None = None) -> TeacherSolve:
+    """Phi on the grid for a batch of noise [B, ...] (METHOD.md, "The three targets").
+
+    One trajectory per sample serves x_t, Phi(x_t, t -> u), Phi(x_t, t -> s) and, when it starts
+    from noise, x_hat = Phi(noise, grid[0] -> 1). The stepper is config.teacher_solver, by name.
+    """
+    method = config.teacher_solver
+    if config.start == "teacher":
+        i = times.i.to(noise.device)
+        trajectory = trajectory_on_grid(teacher, start_state(noise, grid[0]), torch.zeros_like(i),
+                                        grid, method=method)
+        return TeacherSolve(trajectory=trajectory, x_hat=trajectory[-1])
+    if data is None:
+        raise ValueError("start='data' needs a data batch")
+    i = times.i.to(noise.device)
+    trajectory = trajectory_on_grid(teacher, interpolate(noise, data, grid[i]), i, grid,
+                                    method=method)
+    x_hat = (solve_on_grid(teacher, start_state(noise, grid[0]), grid, method=method)
+             if config.w_vel > 0 else None)
+    return TeacherSolve(trajectory=trajectory, x_hat=x_hat)
+
+
+@dataclass
+class Targets:
+    """The no-grad side of one loss call: the student terms' inputs and what they must match.
+
+    Consistency rows: the student jumps x_t from t to s; `end_out` = G^-(Phi(x_t, t -> s), s, 1)
+    and `end_sc` = G^-(G^-(Phi(x_t, t -> u), u, s), s, 1) are the targets at the data end.
+    Velocity rows (all rows, or every vel_every-th): dG(x_r, r, s_vel)/ds must match
+    `chord_velocity` = x_hat - noise.
+    Anchor rows: u(x_fm, t_fm, t_fm) must match `fm_velocity` = data - noise. [B, ...] / [B].
+    """
+
+    x_t: Tensor
+    t: Tensor
+    s: Tensor
+    end_out: Tensor | None = None
+    end_sc: Tensor | None = None
+    x_r: Tensor | None = None
+    r: Tensor | None = None
+    s_vel: Tensor | None = None
+    chord_velocity: Tensor | None = None
+    x_fm: Tensor | None = None
+    t_fm: Tensor | None = None
+    fm_velocity: Tensor | None = None
+    labels: Tensor | None = None
+    vel_labels: Tensor | None = None  # the velocity rows' classes
+    end_rows: Tensor | None = None  # [M] rows with s < 1: the others' G^-(., s, 1) is the identity
+
+
+@torch.no_grad()
+def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid: Tensor,
+                    times: TimeDraw, *, config: TraFlowConfig, data: Tensor | None = None,
+                    labels: Tensor | None = None) -> Targets:
+    """Everything of one loss call that needs no gradient: the teacher's states picked from its
+    trajectory, the G^- ends of L_out and L_sc, the chord of L_vel, the anchor of L_fm."""
     cfg = config
-    grid = time_grid(cfg.grid_steps, device=noise.device)
     i, k, j = times.i.to(noise.device), times.k.to(noise.device), times.j.to(noise.device)
     t, u, s = grid[i], grid[i + k], grid[j]
-    ones = torch.ones_like(t)
-    terms: dict[str, Tensor] = {}
-    total = noise.new_zeros(())
+    traj = solve.trajectory
+    x_t, x_u, x_s = pick(traj, i), pick(traj, i + k), pick(traj, j)
+    # G^-(x, a, a) = x: rows that jump nowhere (u = s, or s = 1 for the carry to the data end)
+    # skip the network. Which rows is read on the host, once per step.
+    i_h, k_h, j_h, vel_h = torch.stack([times.i, times.k, times.j, times.vel.long()]).cpu()
+    via_u, to_end = i_h + k_h < j_h, j_h < len(grid) - 1  # [B] u < s, s < 1
 
-    # One teacher trajectory per sample serves x_t, Phi(x_t, t -> u), Phi(x_t, t -> s) and,
-    # when it starts from noise, x_hat = Phi(noise, 0 -> 1) for L_vel.
-    with torch.no_grad():
-        if trajectory is not None:
-            traj, x_hat = trajectory, trajectory[-1]
-        elif cfg.start == "teacher":
-            traj = trajectory_on_grid(teacher, noise, torch.zeros_like(i), grid,
-                                      method=cfg.teacher_solver)
-            x_hat = traj[-1]
-        else:
-            if data is None:
-                raise ValueError("start='data' needs a data batch")
-            traj = trajectory_on_grid(teacher, interpolate(noise, data, t), i, grid,
-                                      method=cfg.teacher_solver)
-            x_hat = (solve_on_grid(teacher, noise, grid, method=cfg.teacher_solver)
-                     if cfg.w_vel > 0 else None)
-        x_t, x_u, x_s = pick(traj, i), pick(traj, i + k), pick(traj, j)
+    def rows(mask: Tensor) -> Tensor:
+        return torch.nonzero(mask).squeeze(1).to(noise.device)
 
+    end_rows = rows(to_end)
+    out = Targets(x_t=x_t, t=t, s=s, labels=labels, end_rows=end_rows)
     if cfg.w_out > 0 or cfg.w_sc > 0:
-        # Both targets are carried to the data end by G^-, in one batched no-grad call:
+        # Both targets are carried to the data end by G^-, in one batched call:
         # out: G^-(Phi(x_t, t->s), s, 1);  sc: G^-(G^-(Phi(x_t, t->u), u, s), s, 1).
-        with torch.no_grad():
-            x_via_u = jump(target, x_u, u, s, labels)
-            both = jump(target, torch.cat([x_s, x_via_u]), torch.cat([s, s]),
-                        torch.cat([ones, ones]), _repeat(labels))
-            end_out, end_sc = both.chunk(2)
-        # The gradient flows through the inner G only; G^-'s weights are frozen.
-        student_end = jump(target, jump(student, x_t, t, s, labels), s, ones, labels)
-        consistency = noise.new_zeros(())
-        if cfg.w_out > 0:
-            terms["out"] = distance(student_end, end_out, cfg.distance, cfg.huber_c).mean()
-            consistency = consistency + cfg.w_out * terms["out"]
-        if cfg.w_sc > 0:
-            terms["sc"] = distance(student_end, end_sc, cfg.distance, cfg.huber_c).mean()
-            consistency = consistency + cfg.w_sc * terms["sc"]
-        total = total + consistency
-    else:
-        consistency = None
-
+        # Where u = s, x_via_u is x_s itself, so the sc end is the out end: carried once.
+        ones = torch.ones_like(t)
+        x_via_u = jump_rows(target, x_u, u, s, labels, rows(via_u))
+        both = jump_rows(target, torch.cat([x_s, x_via_u]), torch.cat([s, s]),
+                         torch.cat([ones, ones]), _repeat(labels),
+                         torch.cat([end_rows, rows(via_u & to_end) + len(x_t)]))
+        out.end_out, end_sc = both.chunk(2)
+        same = rows(~via_u & to_end)
+        out.end_sc = end_sc.index_copy(0, same, out.end_out[same])
     if cfg.w_vel > 0:
         # Chord x_r = r x_hat + (1 - r) noise, r <= s: a straight teacher jumps at speed x_hat - noise.
-        r, s_vel = times.r.to(noise.device), times.s_vel.to(noise.device)
-        x_r = interpolate(noise, x_hat, r)
-        d_jump = jump_derivative(student, x_r, r, s_vel, labels, method=cfg.derivative,
-                                 fd_step=cfg.fd_step)
-        terms["vel"] = ((d_jump - target_velocity(noise, x_hat)) ** 2).flatten(1).mean(1).mean()
-        if cfg.lambda_vel is not None:
-            lam = torch.tensor(cfg.lambda_vel, device=noise.device)
-        elif consistency is not None and last_layer is not None and consistency.requires_grad:
-            lam = adaptive_lambda(consistency, terms["vel"], last_layer, cfg.lambda_clip,
-                                  grad_mean)
-        else:
-            lam = torch.ones((), device=noise.device)
-        terms["lambda_vel"] = lam
-        total = total + cfg.w_vel * lam * terms["vel"]
+        if solve.x_hat is None:
+            raise ValueError("w_vel > 0 needs the teacher's output x_hat")
+        vel_rows = (None if bool(vel_h.all()) else
+                    torch.nonzero(vel_h).squeeze(1).to(noise.device))
 
+        def take(x: Tensor | None) -> Tensor | None:
+            return x if x is None or vel_rows is None else x[vel_rows]
+
+        noise_v, x_hat_v = take(noise), take(solve.x_hat)
+        out.r, out.s_vel = take(times.r.to(noise.device)), take(times.s_vel.to(noise.device))
+        out.x_r = interpolate(noise_v, x_hat_v, out.r)
+        out.chord_velocity = target_velocity(noise_v, x_hat_v)
+        out.vel_labels = take(labels)
     if cfg.w_fm > 0:
         if data is None:
             raise ValueError("w_fm > 0 needs a data batch")
-        t_fm = times.t_fm.to(noise.device)
-        x_fm = interpolate(noise, data, t_fm)
-        pred = call_net(student, x_fm, t_fm, t_fm, labels)  # u(x_t, t, t): instantaneous velocity
-        terms["fm"] = ((pred - target_velocity(noise, data)) ** 2).flatten(1).mean(1).mean()
-        total = total + cfg.w_fm * terms["fm"]
+        out.t_fm = times.t_fm.to(noise.device)
+        out.x_fm = interpolate(noise, data, out.t_fm)
+        out.fm_velocity = target_velocity(noise, data)
+    return out
 
-    return TraFlowLoss(total=total, terms={name: v.detach() for name, v in terms.items()})
+
+def student_terms(student: nn.Module, target: nn.Module, targets: Targets, *,
+                  config: TraFlowConfig, last_layer: Tensor | None = None,
+                  grad_mean: Callable[[Tensor], Tensor] | None = None) -> TraFlowLoss:
+    """The terms with gradient, given the no-grad side (METHOD.md, targets 1-3 and L_fm).
+
+    `target` is G^-'s network (weights frozen; the consistency terms differentiate through its
+    input); `last_layer` is the student weight that balances L_vel when lambda_vel="adaptive".
+    """
+    cfg, tg, labels = config, targets, targets.labels
+    terms: dict[str, Tensor] = {}
+    total = tg.x_t.new_zeros(())
+    consistency = student_jump = split = None
+    if cfg.w_out > 0 or cfg.w_sc > 0:
+        ones = torch.ones_like(tg.t)
+        # The gradient flows through the inner G only; G^-'s weights are frozen.
+        student_jump = jump(student, tg.x_t, tg.t, tg.s, labels)
+        student_end = jump_rows(target, student_jump, tg.s, ones, labels, tg.end_rows)
+        consistency = tg.x_t.new_zeros(())
+        if cfg.w_out > 0:
+            terms["out"] = distance(student_end, tg.end_out, cfg.distance, cfg.huber_c).mean()
+            consistency = consistency + cfg.w_out * terms["out"]
+        if cfg.w_sc > 0:
+            terms["sc"] = distance(student_end, tg.end_sc, cfg.distance, cfg.huber_c).mean()
+            consistency = consistency + cfg.w_sc * terms["sc"]
+        total = total + consistency
+    rest = tg.x_t.new_zeros(())  # the total beyond the consistency terms
+    if cfg.w_vel > 0:
+        d_jump = jump_derivative(student, tg.x_r, tg.r, tg.s_vel, tg.vel_labels,
+                                 method=cfg.derivative, fd_step=cfg.fd_step)
+        terms["vel"] = ((d_jump - tg.chord_velocity) ** 2).flatten(1).mean(1).mean()
+        if cfg.lambda_vel != "adaptive":
+            lam = torch.tensor(float(cfg.lambda_vel), device=tg.x_t.device)
+        elif consistency is not None and last_layer is not None and consistency.requires_grad:
+            lam, jump_grad = adaptive_lambda(consistency, student_jump, terms["vel"], last_layer,
+                                             cfg.lambda_clip, grad_mean)
+            split = (student_jump, jump_grad)
+        else:
+            lam = torch.ones((), device=tg.x_t.device)
+        terms["lambda_vel"] = lam
+        rest = rest + cfg.w_vel * lam * terms["vel"]
+    if cfg.w_fm > 0:
+        pred = call_net(student, tg.x_fm, tg.t_fm, tg.t_fm, labels)  # u(x_t, t, t): velocity
+        terms["fm"] = ((pred - tg.fm_velocity) ** 2).flatten(1).mean(1).mean()
+        rest = rest + cfg.w_fm * terms["fm"]
+    return TraFlowLoss(total=total + rest, terms={name: v.detach() for name, v in terms.items()},
+                       split=None if split is None else (*split, rest))
+
+
+def traflow_loss(student: nn.Module, target: nn.Module, teacher: Velocity, noise: Tensor, *,
+                 config: TraFlowConfig, grid: Tensor, times: TimeDraw,
+                 data: Tensor | None = None, labels: Tensor | None = None,
+                 last_layer: Tensor | None = None, trajectory: Tensor | None = None,
+                 grad_mean: Callable[[Tensor], Tensor] | None = None) -> TraFlowLoss:
+    """One TraFlow loss on a batch of noise [B, ...] (and data, for start="data" or w_fm > 0).
+
+    The teacher's side, then the student's: solve_teacher (skipped when `trajectory`
+    [N + 1, B, ...], a cached solve from this noise, is given), traflow_targets, student_terms.
+    `teacher(x, t)` is the teacher velocity (labels already bound); `grid` [N + 1] is the
+    teacher's time grid (increasing, ending at 1); `grad_mean` averages over data-parallel
+    processes (see adaptive_lambda).
+    """
+    solve = (TeacherSolve.cached(trajectory) if trajectory is not None else
+             solve_teacher(teacher, noise, grid, times, config=config, data=data))
+    targets = traflow_targets(target, solve, noise, grid, times, config=config, data=data,
+                              labels=labels)
+    return student_terms(student, target, targets, config=config, last_layer=last_layer,
+                         grad_mean=grad_mean)
 
 
 def _repeat(labels: Tensor | None) -> Tensor | None:

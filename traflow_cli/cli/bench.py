@@ -52,6 +52,9 @@ COLUMNS = {"model": "model", "task": "task", "solver": "solver", "nfe": "NFE",
 
 
 SHORT_NAMES = {"rectified flow": "RF"}
+# The distillation rows differ by where the teacher's trajectories come from.
+TEACHER_SOLVE = {"cached": "TF cache", "per step": "TF solve"}
+SOLVE_WORDS = {"cached": "teacher cached", "per step": "teacher solved each step"}
 
 
 def _render(result: dict) -> None:
@@ -70,8 +73,15 @@ def _render(result: dict) -> None:
         table.add_column(heading, justify="left" if key in ("model", "task", "solver") else "right",
                          no_wrap=True)
     for row in result["rows"]:
-        table.add_row(*(_short(key, row.get(key)) for key in COLUMNS))
+        cells = {key: _short(key, row.get(key)) for key in COLUMNS}
+        if row.get("teacher_solve") in TEACHER_SOLVE:
+            cells["solver"] = TEACHER_SOLVE[row["teacher_solve"]]
+        table.add_row(*cells.values())
     render.console.print(table)
+    steps = [r for r in result["rows"] if "of_teacher_step" in r]
+    for row in steps:
+        render.console.print(f"TraFlow step ({SOLVE_WORDS.get(row.get('teacher_solve'), '')}): "
+                             f"{100 * row['of_teacher_step']:.0f}% of the teacher step's img/s")
 
 
 def _short(name: str, value: object) -> str:
@@ -82,7 +92,7 @@ def _short(name: str, value: object) -> str:
     if name == "peak_fraction":
         return f"{100 * value:.0f}%"
     if name == "nfe":
-        return f"{value:g}"
+        return f"{value:.3g}"
     if value >= 1000:
         return f"{value:.0f}"
     return f"{value:.3g}" if value >= 0.01 else f"{value:.1e}"

@@ -41,11 +41,16 @@ def sample_command(
     steps: Annotated[int | None, typer.Option(
         "--steps", help="Teacher: fixed solver steps. (default: the spec's sample.steps)",
         show_default=False)] = None,
+    time_grid: Annotated[str | None, typer.Option(
+        "--time-grid", help="uniform or karras: the teacher's solver grid, or where a student's "
+        "jumps land. (default: the run's own, e.g. Karras for EDM teachers)",
+        show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", help="Samples per batch. (default: the spec's sample.batch_size)",
         show_default=False)] = None,
     label: Annotated[int | None, typer.Option(
-        "--class", help="Class label for conditional models. (default: cycle through classes)",
+        "--class-label", "--class",
+        help="Class label for conditional models. (default: cycle through classes)",
         show_default=False)] = None,
     fmt: Annotated[str | None, typer.Option(
         "--format", help="Images: png, npz or both. (default: the spec's sample.format)",
@@ -64,6 +69,7 @@ def sample_command(
     spec = o.resolve(preset, sets, device=device, seed=seed, run=(run, "RUN", RUN_JOBS), values={
         "sample.nfe": nfe, "sample.num_samples": num_samples, "sample.times": _times(times),
         "sample.solver": solver, "sample.steps": steps, "sample.batch_size": batch_size,
+        "sample.time_grid": time_grid,
         "sample.class_label": label, "sample.format": fmt})
     if dry:
         o.dry_run(spec)

@@ -3,16 +3,21 @@
 Every number in one report comes from the same process on the same device, so ratios between
 rows are meaningful even on a noisy machine; absolute numbers are only as good as the machine.
 Rows: student sampling at each NFE, teacher sampling with Euler at each step count and with
-adaptive RK45, one teacher training step (rectified flow) and one TraFlow distillation step,
-each as the jobs run them (same optimiser, clipping, EMA updates, runtime options).
+adaptive RK45, the teacher's training step (rectified flow) and the TraFlow distillation step
+(with the teacher's solves cached, and solved every step). The training rows time the jobs'
+own step functions (jobs/teacher.py build_teacher_step, jobs/distill.py build_distill_step), so
+they include exactly what training runs: data, seeding, the loss, backward, the learning-rate
+schedule, clipped Adam and the EMA updates, with the spec's runtime options.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +25,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from traflow_cli.engine.ema import make_ema, update_ema
 from traflow_cli.engine.runtime import Runtime
-from traflow_cli.flow import rectified_flow_loss, sample_train_times, time_grid, trajectory_on_grid
-from traflow_cli.jobs.common import make_optimizer, optimizer_step, sample_shape
-from traflow_cli.jobs.distill import traflow_config
+from traflow_cli.errors import UserError
+from traflow_cli.jobs.batches import BatchSource, make_batch_source
+from traflow_cli.jobs.common import sample_shape
+from traflow_cli.jobs.distill import build_distill_step, cache_allowed
+from traflow_cli.jobs.teacher import build_teacher_step
 from traflow_cli.models import load_student, load_teacher
 from traflow_cli.nets import build_net, student_from_teacher
 from traflow_cli.sampling import sample_student, sample_teacher, student_times, teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
-from traflow_cli.specs import RunSpec
-from traflow_cli.traflow import call_net, draw_times, traflow_loss
+from traflow_cli.specs import RunSpec, SpecError, build_spec
+from traflow_cli.traflow import call_net
 
 Row = dict[str, Any]
 
@@ -171,97 +177,135 @@ def bench(spec: RunSpec, *, teacher_dir: Path | None, student_dir: Path | None,
                                 device=runtime.device, warmup=0, repeats=max(1, cfg.repeats // 2))
             add("teacher", "sample", nfe, seconds, nfe * flops_teacher, solver="rk45")
     if cfg.train:
-        _train_rows(spec, teacher_net, config, noise, labels, runtime, add)
+        _train_rows(spec, teacher_net, config, runtime, add)
     return {"device": _device_name(runtime.device), "matmul_peak_tflops": peak,
             "precision": str(runtime.amp_dtype or torch.float32).removeprefix("torch."),
             "compiled": runtime.compile, "runtime": runtime.describe(), "rows": rows}
 
 
-class TrainingSteps:
-    """One teacher training step and one TraFlow step on a fixed batch, as the jobs run them:
-    forward, backward, clipped Adam (fused on CUDA), EMA updates, the spec's runtime options.
-
-    `teacher_step(compiled)` / `distill_step(compiled)` run one step through the compiled
-    modules (when runtime.compile is on) or the eager ones (which flop and call counters see).
-    """
-
-    def __init__(self, spec: RunSpec, teacher_net: nn.Module, config: dict, noise: Tensor,
-                 labels: Tensor | None, runtime: Runtime) -> None:
-        self.spec, self.runtime, self.noise, self.labels = spec, runtime, noise, labels
-        self.tf = traflow_config(spec.distill)
-        self.batch = noise.shape[0]
-        self.gen = generator_for(spec.seed, 9, device=runtime.device)
-        self.data = noise.flip(0)  # any tensor of the data's shape: speed ignores its values
-        # Teacher: rectified flow, E||v(x_t, t) - (data - noise)||^2.
-        self.learner = runtime.place(build_net(config)).train()
-        self.learner.load_state_dict(teacher_net.state_dict())
-        self.learner_ema = make_ema(self.learner)
-        self.params = list(self.learner.parameters())
-        self.opt = make_optimizer(self.params, spec.teacher, runtime)
-        # Student: the TraFlow objective with G^- and the evaluation EMA.
-        self.teacher_net = teacher_net
-        self.student = runtime.place(student_from_teacher(teacher_net, config)).train()
-        self.student.requires_grad_(True)
-        self.target, self.ema = make_ema(self.student), make_ema(self.student)
-        self.s_params = list(self.student.parameters())
-        self.s_opt = make_optimizer(self.s_params, spec.distill, runtime)
-        self.trajectory = None
-        if spec.distill.trajectory_cache:  # as in training: the teacher's solve is paid up front
-            with torch.no_grad(), runtime.autocast():
-                self.trajectory = trajectory_on_grid(
-                    teacher_velocity(teacher_net, labels), noise,
-                    torch.zeros(self.batch, dtype=torch.long, device=runtime.device),
-                    time_grid(self.tf.grid_steps, device=runtime.device),
-                    method=self.tf.teacher_solver)
-        self.compiled = {name: runtime.maybe_compile(module) for name, module in
-                         (("learner", self.learner), ("student", self.student),
-                          ("teacher", teacher_net))}
-
-    def teacher_step(self, compiled: bool = True) -> None:
-        net = self.compiled["learner"] if compiled else self.learner
-        t = sample_train_times(self.batch, self.gen, self.runtime.device)
-        with self.runtime.autocast():
-            loss = rectified_flow_loss(teacher_velocity(net, self.labels), self.noise, self.data,
-                                       t).mean()
-        loss.backward()
-        optimizer_step(self.opt, self.params, 0, self.spec.teacher)
-        update_ema(self.learner_ema, self.learner, self.spec.teacher.ema_decay)
-
-    def distill_step(self, compiled: bool = True) -> None:
-        net = self.compiled["student"] if compiled else self.student
-        teacher = self.compiled["teacher"] if compiled else self.teacher_net
-        times = draw_times(self.tf, self.batch, self.gen)
-        with self.runtime.autocast():
-            loss = traflow_loss(net, self.target, teacher_velocity(teacher, self.labels),
-                                self.noise, config=self.tf, times=times, data=self.data,
-                                labels=self.labels, last_layer=self.student.output_layer.weight,
-                                trajectory=self.trajectory)
-        loss.total.backward()
-        cfg = self.spec.distill
-        optimizer_step(self.s_opt, self.s_params, 0, cfg)
-        update_ema(self.target, self.student, cfg.target_ema)
-        update_ema(self.ema, self.student, cfg.ema_decay)
+def training_spec(spec: RunSpec, net_config: dict, batch: int) -> RunSpec:
+    """The spec the training rows run: the benchmarked network, and the bench's batch size for
+    both jobs (so that every row has the same batch); everything else as the jobs read it."""
+    merged = spec.model_dump(mode="json")
+    merged["net"] = net_config
+    merged["teacher"]["batch_size"] = merged["distill"]["batch_size"] = batch
+    try:
+        return build_spec(merged)
+    except SpecError as err:
+        raise SpecError(f"bench.batch_size: {batch} does not fit the training steps ({err}); "
+                        "choose another --batch-size") from None
 
 
-def _train_rows(spec: RunSpec, teacher_net: nn.Module, config: dict, noise: Tensor,
-                labels: Tensor | None, runtime: Runtime, add: Callable[..., None]) -> None:
-    """The two training rows: a teacher step and a TraFlow step, images/s and flops."""
-    steps = TrainingSteps(spec, teacher_net, config, noise, labels, runtime)
-    batch = steps.batch
-    timing = {"device": runtime.device, "warmup": max(spec.bench.warmup, 1),
-              "repeats": spec.bench.repeats}
-    # Flops and evaluations are counted on the eager modules (the counters see every call);
-    # the timing runs what the jobs run (compiled when runtime.compile is on).
-    with count_evaluations({"net": steps.learner}, batch) as evals:
-        flops = count_flops(lambda: steps.teacher_step(compiled=False))
-    add("teacher", "train", evals["net"], time_call(steps.teacher_step, **timing), flops,
-        solver="rectified flow")
-    with count_evaluations({"student": steps.student, "target": steps.target,
-                            "teacher": teacher_net}, batch) as evals:
-        flops = count_flops(lambda: steps.distill_step(compiled=False))
-    add("student", "train", sum(evals.values()), time_call(steps.distill_step, **timing), flops,
-        solver="traflow", teacher_solve="cached" if steps.trajectory is not None else "per step",
-        evaluations={name: round(value, 3) for name, value in evals.items()})
+def bench_batches(spec: RunSpec, runtime: Runtime, batch: int) -> tuple[BatchSource, str]:
+    """The jobs' own data source when the dataset is there ("dataset"); else random tensors of
+    the data's shape and classes ("random"): a training step's speed ignores pixel values."""
+    try:
+        return make_batch_source(spec.data, seed=spec.seed, global_batch=batch,
+                                 runtime=runtime), "dataset"
+    except UserError:
+        shape = sample_shape(spec.net_config())
+        classes = spec.net_config().get("num_classes", 0)
+
+        def random_batch(step: int) -> tuple[Tensor, Tensor | None]:
+            gen = generator_for(spec.seed, 1, step)
+            data = torch.rand((batch, *shape), generator=gen) * 2 - 1
+            labels = torch.randint(classes, (batch,), generator=gen) if classes else None
+            return (runtime.place_batch(data),
+                    None if labels is None else labels.to(runtime.device))
+
+        return random_batch, "random"
+
+
+@dataclass
+class BenchedStep:
+    """A job's own training step, as its loop runs it, with the modules whose calls are counted."""
+
+    fields: dict[str, Any]                    # what the row says about it (solver, cache, data)
+    step_fn: Callable[[int], dict[str, Tensor]]
+    counted: dict[str, nn.Module]
+
+
+def teacher_train_step(spec: RunSpec, runtime: Runtime, batches: BatchSource,
+                       data: str) -> BenchedStep:
+    """`traflow teacher train`'s step (jobs/teacher.py build_teacher_step)."""
+    step = build_teacher_step(spec, runtime, batches=batches)
+    return BenchedStep({"solver": "rectified flow", "data": data}, step.step_fn,
+                       {"net": step.net})
+
+
+def distill_train_steps(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module,
+                        batches: BatchSource, data: str) -> list[BenchedStep]:
+    """`traflow distill`'s step (jobs/distill.py build_distill_step): with the teacher's solves
+    cached and solved every step, where the spec allows both. The bench's cache holds one batch
+    of trajectories (a step's cost does not depend on how many there are), in memory."""
+    batch = spec.distill.batch_size
+    caches = [batch, 0] if cache_allowed(spec) else [0]
+    steps = []
+    for cache in caches:
+        variant = spec.model_copy(update={"distill": spec.distill.model_copy(
+            update={"trajectory_cache": cache})})
+        step = build_distill_step(variant, runtime, teacher_net, cache_file=None, batches=batches)
+        steps.append(BenchedStep(
+            {"solver": "traflow", "teacher_solve": step.teacher_solve, "data": data},
+            step.step_fn, {"student": step.student, "target": step.target,
+                           "teacher": step.teacher}))
+    return steps
+
+
+def time_steps(step_fns: list[Callable[[int], dict[str, Tensor]]], *, first: int,
+               device: torch.device, warmup: int, repeats: int
+               ) -> list[tuple[float, dict[str, float]]]:
+    """Median seconds of each step_fn(step) over `repeats` steps after `warmup` ones, and its
+    last step's metrics. Steps are numbered from `first` (the jobs' learning-rate schedule sees
+    the numbers a run would) and the functions take turns, one step each, so that a change of
+    load on a shared machine slows every row alike and their ratios stay meaningful."""
+    seconds: list[list[float]] = [[] for _ in step_fns]
+    metrics: list[dict[str, Tensor]] = [{} for _ in step_fns]
+    for n in range(warmup + repeats):
+        for fn, times, last in zip(step_fns, seconds, metrics, strict=True):
+            _sync(device)
+            start = time.perf_counter()
+            last.update(fn(first + n))
+            _sync(device)
+            if n >= warmup:
+                times.append(time.perf_counter() - start)
+    return [(statistics.median(times), {name: float(v) for name, v in last.items()})
+            for times, last in zip(seconds, metrics, strict=True)]
+
+
+def _train_rows(spec: RunSpec, teacher_net: nn.Module, config: dict, runtime: Runtime,
+                add: Callable[..., None]) -> None:
+    """A teacher training step and a TraFlow step (cached and per-step teacher solves), each
+    the job's own step function: images/s, flops, evaluations per image, the step's loss."""
+    batch = spec.bench.batch_size
+    spec = training_spec(spec, config, batch)
+    eager = dataclasses.replace(runtime, compile=False)
+    batches, data = bench_batches(spec, runtime, batch)
+
+    def build(rt: Runtime) -> list[BenchedStep]:
+        return [teacher_train_step(spec, rt, batches, data),
+                *distill_train_steps(spec, rt, teacher_net, batches, data)]
+
+    timed = build(runtime)
+    # Flops and evaluations are counted over one step of eager copies (the counters see every
+    # call); the timing runs what the jobs run (compiled when runtime.compile is on).
+    counted = timed if not runtime.compile else build(eager)
+    counts = []
+    for run in counted:
+        with count_evaluations(run.counted, batch) as evals:
+            flops = count_flops(lambda r=run: r.step_fn(0))
+        counts.append((flops, dict(evals)))
+    results = time_steps([run.step_fn for run in timed], first=1, device=runtime.device,
+                         warmup=max(spec.bench.warmup, 1), repeats=spec.bench.repeats)
+    teacher_ips = batch / results[0][0]
+    for run, (flops, evals), (seconds, metrics) in zip(timed, counts, results, strict=True):
+        extra = dict(run.fields)
+        model = "teacher" if "net" in run.counted else "student"
+        if model == "student":
+            extra["evaluations"] = {name: round(value, 3) for name, value in evals.items()}
+            extra["of_teacher_step"] = batch / seconds / teacher_ips
+        add(model, "train", sum(evals.values()), seconds, flops, loss=metrics.get("loss"),
+            **extra)
 
 
 def _device_name(device: torch.device) -> str:

@@ -1,12 +1,34 @@
-"""`traflow distill`: TraFlow distillation of a teacher run into a few-step student."""
+"""`traflow distill`: TraFlow distillation of a teacher run into a few-step student.
+
+One step (`build_distill_step`'s `step_fn`), top to bottom; every random draw derives from
+(seed, step), so a resumed run repeats exactly the steps an uninterrupted one takes:
+1. reseed dropout from (seed, rank, step); draw the step's times on the teacher's grid
+   (t, u, s, the chord time r and s_vel, the anchor time) for the global batch, keep this rank's rows;
+2. noise: rows of the trajectory cache (with their teacher trajectories and classes), or fresh
+   noise (and classes drawn uniformly for a class-conditional teacher); data when a term reads it;
+3. the teacher's side, without gradient: its trajectory on the grid (solved now unless cached),
+   then the targets: x_t, the G^- ends of L_out and L_sc, the chord of L_vel (traflow.py);
+4. the student's side: its terms against those targets, the adaptive lambda, the total;
+5. backward, then the optimiser step (learning-rate warm-up, gradient clipping), then the
+   target EMA G^- and the evaluation EMA.
+`traflow bench` times this same step function (jobs/bench.py).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import Tensor, nn
 
 from traflow_cli.engine.checkpoint import run_checkpoint
 from traflow_cli.engine.distributed import all_mean, gather_shards, rank, shard, unwrap, wrap_ddp
@@ -14,8 +36,9 @@ from traflow_cli.engine.ema import make_ema, update_ema
 from traflow_cli.engine.loop import TrainTask, train
 from traflow_cli.engine.records import atomic_write_bytes, write_summary
 from traflow_cli.engine.runtime import Runtime
-from traflow_cli.flow import time_grid, trajectory_on_grid
-from traflow_cli.jobs.batches import global_normal, make_batch_source
+from traflow_cli.errors import one_line
+from traflow_cli.flow import trajectory_on_grid
+from traflow_cli.jobs.batches import BatchSource, global_normal, make_batch_source
 from traflow_cli.jobs.common import (
     RunClaim,
     claim_run_dir,
@@ -28,22 +51,35 @@ from traflow_cli.jobs.common import (
 )
 from traflow_cli.models import load_teacher
 from traflow_cli.nets import student_from_teacher
-from traflow_cli.sampling import teacher_velocity
+from traflow_cli.sampling import SigmaRange, teacher_grid, teacher_stepper, teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
 from traflow_cli.specs import DistillSpec, RunSpec, SpecError, check_teacher_run
-from traflow_cli.traflow import TraFlowConfig, draw_times, traflow_loss
+from traflow_cli.traflow import TraFlowConfig, draw_times, start_state, traflow_loss
+
+log = logging.getLogger("traflow")
 
 SECTIONS = ("seed", "data", "net", "distill")
 
 
-def traflow_config(cfg: DistillSpec) -> TraFlowConfig:
-    """The method's own config from the spec section of the same field names."""
-    return TraFlowConfig(
-        grid_steps=cfg.grid_steps, teacher_solver=cfg.teacher_solver, start=cfg.start,
-        w_out=cfg.w_out, w_vel=cfg.w_vel, w_sc=cfg.w_sc, w_fm=cfg.w_fm,
-        lambda_vel=None if cfg.lambda_vel == "adaptive" else float(cfg.lambda_vel),
-        lambda_clip=cfg.lambda_clip, distance=cfg.distance, huber_c=cfg.huber_c,
-        derivative=cfg.derivative, fd_step=cfg.fd_step)
+def traflow_config(section: DistillSpec) -> TraFlowConfig:
+    """The method's config from the spec section: every TraFlowConfig field, by name (the spec
+    defines each with the same default; tests/test_traflow.py checks it)."""
+    return TraFlowConfig(**{f.name: getattr(section, f.name)
+                            for f in dataclasses.fields(TraFlowConfig)})
+
+
+def grid_kind(section: DistillSpec, native_grid: str) -> str:
+    """"uniform" or "karras": the spec's time_grid, "native" being the teacher run's own."""
+    return native_grid if section.time_grid == "native" else section.time_grid
+
+
+def distill_grid(section: DistillSpec, native_grid: str, sigma_range: SigmaRange,
+                 device: torch.device | str = "cpu") -> Tensor:
+    """The teacher's time grid tau_0 < ... < tau_N = 1 [N + 1]: uniform in t from 0 for a
+    rectified flow; for an EDM teacher it starts at t_min = 1 / (1 + sigma_max), and "karras"
+    spaces it as EDM's sampler does."""
+    return teacher_grid(grid_kind(section, native_grid), section.grid_steps, sigma_range,
+                        device=device)
 
 
 def check_teacher_net(spec: RunSpec) -> None:
@@ -60,41 +96,185 @@ def check_teacher_net(spec: RunSpec) -> None:
 
 
 def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, seed: int,
-                         tf: TraFlowConfig, device: torch.device, cache_file: Path,
-                         batch: int = 4096, num_classes: int = 0
+                         grid: Tensor, solver: str, device: torch.device,
+                         cache_file: Path | None, batch: int = 4096, num_classes: int = 0
                          ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """A bank of `count` noises, their teacher trajectories [N + 1, count, ...] and, for a
-    class-conditional teacher, the class [count] each was solved for; kept on disk.
+    """A bank of `count` noises, their teacher trajectories [N + 1, count, ...] on `grid` and,
+    for a class-conditional teacher, the class [count] each was solved for; kept on disk at
+    `cache_file` (None: in memory only, as the bench uses it).
 
     Paying the teacher's solve once and reusing it every step is what makes data-free
-    distillation cheap (METHOD.md, "Cost per step").
+    distillation cheap (METHOD.md, "Cost per step"). The file records what it was solved for
+    and a digest of its tensors: a damaged or stale one is solved again, with a warning.
     """
-    from safetensors.torch import load_file, save
-
-    if cache_file.is_file():
-        saved = load_file(cache_file)
-        labels = saved["labels"].to(device) if "labels" in saved else None
-        return saved["noise"].to(device), saved["trajectory"].to(device), labels
+    key = {"count": count, "seed": seed, "shape": list(shape), "solver": solver,
+           "num_classes": num_classes, "grid": [float(v) for v in grid.cpu().double()]}
+    if cache_file is not None and cache_file.is_file():
+        saved, problem = _read_cache(cache_file, key)
+        if saved is not None:
+            labels = saved["labels"].to(device) if "labels" in saved else None
+            return saved["noise"].to(device), saved["trajectory"].to(device), labels
+        if rank() == 0:
+            log.warning("%s %s; solving the teacher's trajectories again", cache_file, problem)
     noise = torch.randn((count, *shape), generator=generator_for(seed, 3)).to(device)
     labels = (torch.randint(num_classes, (count,), generator=generator_for(seed, 3, 1)).to(device)
               if num_classes else None)
-    grid = time_grid(tf.grid_steps, device=device)
     # Under DDP each rank solves its share of the rows, then every rank gets all of them.
     mine = shard(count)
     parts = [trajectory_on_grid(teacher_velocity(teacher, None if labels is None else
                                                  labels[mine][start:start + batch]),
-                                chunk, torch.zeros(len(chunk), dtype=torch.long, device=device),
-                                grid, method=tf.teacher_solver)
+                                start_state(chunk, grid[0]),
+                                torch.zeros(len(chunk), dtype=torch.long, device=device),
+                                grid, method=solver)
              for start, chunk in zip(range(0, count, batch), noise[mine].split(batch),
                                      strict=False)]
-    empty = noise.new_empty((tf.grid_steps + 1, 0, *shape))
+    empty = noise.new_empty((len(grid), 0, *shape))
     trajectory = gather_shards(torch.cat(parts or [empty], dim=1), count, dim=1)
-    if rank() == 0:
+    if rank() == 0 and cache_file is not None:
         arrays = {"noise": noise.cpu().contiguous(), "trajectory": trajectory.cpu().contiguous()}
         if labels is not None:
             arrays["labels"] = labels.cpu().contiguous()
-        atomic_write_bytes(cache_file, save(arrays))
+        atomic_write_bytes(cache_file, save(arrays, metadata={
+            "key": json.dumps(key, sort_keys=True), "sha256": _tensor_digest(arrays)}))
     return noise, trajectory, labels
+
+
+def _tensor_digest(arrays: dict[str, Tensor]) -> str:
+    """sha256 over the tensors' names, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        tensor = arrays[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _read_cache(path: Path, key: dict[str, Any]) -> tuple[dict[str, Tensor] | None, str]:
+    """The cached arrays if the file is whole and was solved for `key`; else (None, why not)."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            arrays = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except Exception as err:  # noqa: BLE001 - any failure to parse means: solve again
+        return None, f"is unreadable ({one_line(err)})"
+    if "sha256" not in metadata or "key" not in metadata:
+        return None, "records no digest (written before traflow 0.2)"
+    if _tensor_digest(arrays) != metadata["sha256"]:
+        return None, "is damaged (its tensors do not match their digest)"
+    if json.loads(metadata["key"]) != key:
+        return None, "was solved for other settings (grid, solver, count or seed)"
+    return arrays, ""
+
+
+def cache_allowed(spec: RunSpec) -> bool:
+    """Whether the spec's loss can read cached teacher solves (data-free, no data labels)."""
+    cfg = spec.distill
+    data_labels = ((cfg.start == "data" or cfg.w_fm > 0) and spec.data.use_labels
+                   and spec.net_config().get("num_classes", 0) > 0)
+    return cfg.start == "teacher" and not data_labels
+
+
+@dataclass
+class DistillStep:
+    """One distillation step and what it updates: what the job's loop runs and the bench times."""
+
+    student: nn.Module     # the trained weights (plain module; DDP/compile wrap it inside step_fn)
+    target: nn.Module      # G^-: the target EMA
+    ema: nn.Module         # the evaluation EMA
+    teacher: nn.Module     # the teacher network (eager)
+    optimizer: torch.optim.Optimizer
+    step_fn: Callable[[int], dict[str, Tensor]]
+    teacher_solve: str     # "cached" or "per step"
+
+    @property
+    def saved_modules(self) -> dict[str, nn.Module]:
+        return {"net": self.student, "target": self.target, "ema": self.ema}
+
+
+def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, *,
+                       cache_file: Path | None, batches: BatchSource | None = None,
+                       inputs_checked: Callable[[], None] | None = None,
+                       native_grid: str = "uniform") -> DistillStep:
+    """The student, its EMAs, its optimiser and `step_fn(step)` for a spec whose `net` section
+    is the teacher's (check_teacher_net); `teacher_net` is on the runtime's device. `cache_file`
+    keeps a trajectory cache on disk; `batches` replaces the spec's data source;
+    `inputs_checked` is called once everything but the (long) teacher solves has been checked;
+    `native_grid` is the teacher run's own grid ("karras" for EDM imports)."""
+    cfg, tf = spec.distill, traflow_config(spec.distill)
+    sigma_range: SigmaRange = getattr(teacher_net, "sigma_range", None)  # an EDM teacher's
+    # Heun on an EDM teacher steps in EDM's coordinates (x / t against sigma), as its sampler.
+    tf = dataclasses.replace(tf, teacher_solver=teacher_stepper(tf.teacher_solver, sigma_range))
+    config = spec.net_config()
+    torch.manual_seed(derive_seed(spec.seed, 5))  # the s branch's initial weights
+    student = runtime.place(student_from_teacher(teacher_net, config))
+    target = make_ema(student)   # G^-: the target EMA (mu = target_ema)
+    ema = make_ema(student)      # the weights to sample with (mu = ema_decay)
+    params = list(student.parameters())
+    optimizer = make_optimizer(params, cfg, runtime)
+    model = runtime.maybe_compile(wrap_ddp(student, runtime.device))
+    teacher = runtime.maybe_compile(teacher_net)
+    last_layer = unwrap(student).output_layer.weight
+    rows = rank_rows(cfg.batch_size, runtime)
+    if runtime.world_size > 1 and (rows.stop - rows.start) % cfg.vel_every:
+        raise SpecError(f"distill.vel_every: {cfg.vel_every} must divide each process's share of "
+                        f"the batch ({rows.stop - rows.start} rows), so that every process has as "
+                        "many L_vel rows; choose a divisor of it")
+    shape = sample_shape(config)
+    grid = distill_grid(cfg, native_grid, sigma_range, runtime.device)
+    grid_host = grid.cpu()  # the time draw reads grid[0] on the host: no device sync per step
+    needs_data = cfg.start == "data" or cfg.w_fm > 0
+    if needs_data and batches is None:
+        batches = make_batch_source(spec.data, seed=spec.seed, global_batch=cfg.batch_size,
+                                    runtime=runtime)
+    # A class-conditional teacher needs a class for every solve: the data's labels when the
+    # loss reads data, else classes drawn uniformly (data-free), stored with any cached solve.
+    num_classes = config.get("num_classes", 0)
+    data_labels = needs_data and spec.data.use_labels and num_classes > 0
+    if data_labels and cfg.trajectory_cache:
+        raise SpecError("distill.trajectory_cache: cached solves carry their own classes, which "
+                        "the data's labels would contradict; set distill.trajectory_cache=0 or "
+                        "data.use_labels=false")
+    if inputs_checked is not None:  # the teacher loaded, the data opened, the student built
+        inputs_checked()
+    bank = None
+    if cfg.trajectory_cache:
+        bank = teacher_trajectories(teacher, shape, count=cfg.trajectory_cache, seed=spec.seed,
+                                    grid=grid, solver=tf.teacher_solver, device=runtime.device,
+                                    num_classes=num_classes, cache_file=cache_file)
+
+    def step_fn(step: int) -> dict[str, Tensor]:
+        torch.manual_seed(derive_seed(spec.seed, runtime.rank, step))  # dropout
+        gen = generator_for(spec.seed, 0, step, device=runtime.device)
+        times = draw_times(grid_host, cfg.batch_size, gen, vel_every=cfg.vel_every).rows(rows)
+        trajectory = labels = None
+        if bank is not None:
+            pick = torch.randint(len(bank[0]), (cfg.batch_size,), generator=gen,
+                                 device=gen.device)[rows].to(runtime.device)
+            noise, trajectory = bank[0][pick], bank[1][:, pick]
+            labels = None if bank[2] is None else bank[2][pick]
+        else:
+            noise = runtime.place_batch(global_normal(shape, cfg.batch_size, rows, gen))
+            if num_classes and not data_labels:
+                labels = torch.randint(num_classes, (cfg.batch_size,), generator=gen,
+                                       device=gen.device)[rows].to(runtime.device)
+        data, batch_labels = batches(step) if needs_data else (None, None)
+        if data_labels:
+            labels = batch_labels
+        with runtime.autocast():
+            loss = traflow_loss(model, target, teacher_velocity(teacher, labels), noise,
+                                config=tf, grid=grid, times=times, data=data, labels=labels,
+                                last_layer=last_layer, trajectory=trajectory, grad_mean=all_mean)
+        loss.backward()
+        grad_norm = optimizer_step(optimizer, params, step, cfg)
+        update_ema(target, student, cfg.target_ema)
+        update_ema(ema, student, cfg.ema_decay)
+        return {"loss": loss.total.detach(), "grad_norm": grad_norm,
+                **{f"loss_{name}" if name != "lambda_vel" else name: value
+                   for name, value in loss.terms.items()}}
+
+    return DistillStep(student=student, target=target, ema=ema, teacher=teacher_net,
+                       optimizer=optimizer, step_fn=step_fn,
+                       teacher_solve="cached" if bank is not None else "per step")
 
 
 def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
@@ -107,74 +287,19 @@ def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
 
 def _distill(spec: RunSpec, claim: RunClaim, runtime: Runtime) -> dict[str, Any]:
     run_dir = claim.run_dir
-    cfg, tf = spec.distill, traflow_config(spec.distill)
-    config = spec.net_config()
-    teacher_net = runtime.place(load_teacher(cfg.teacher).net)
-    torch.manual_seed(derive_seed(spec.seed, 5))  # the s branch's initial weights
-    student = runtime.place(student_from_teacher(teacher_net, config))
-    target = make_ema(student)   # G^-: the target EMA (mu = target_ema)
-    ema = make_ema(student)      # the weights to sample with (mu = ema_decay)
-    params = list(student.parameters())
-    optimizer = make_optimizer(params, cfg, runtime)
-    model = runtime.maybe_compile(wrap_ddp(student, runtime.device))
-    teacher = runtime.maybe_compile(teacher_net)
-    last_layer = unwrap(student).output_layer.weight
-    rows = rank_rows(cfg.batch_size, runtime)
-    shape = sample_shape(config)
-    needs_data = cfg.start == "data" or cfg.w_fm > 0
-    batches = (make_batch_source(spec.data, seed=spec.seed, global_batch=cfg.batch_size,
-                                 runtime=runtime) if needs_data else None)
-    # A class-conditional teacher needs a class for every solve: the data's labels when the
-    # loss reads data, else classes drawn uniformly (data-free), stored with any cached solve.
-    num_classes = config.get("num_classes", 0)
-    data_labels = needs_data and spec.data.use_labels and num_classes > 0
-    if data_labels and cfg.trajectory_cache:
-        raise SpecError("distill.trajectory_cache: cached solves carry their own classes, which "
-                        "the data's labels would contradict; set distill.trajectory_cache=0 or "
-                        "data.use_labels=false")
-    claim.write_record()  # the teacher loaded, the data opened, the student built
-    bank = None
-    if cfg.trajectory_cache:
-        bank = teacher_trajectories(teacher, shape, count=cfg.trajectory_cache, seed=spec.seed,
-                                    tf=tf, device=runtime.device, num_classes=num_classes,
-                                    cache_file=run_dir / "teacher_trajectories.safetensors")
-
-    def step_fn(step: int) -> dict[str, Tensor]:
-        torch.manual_seed(derive_seed(spec.seed, runtime.rank, step))  # dropout
-        gen = generator_for(spec.seed, 0, step, device=runtime.device)
-        times = draw_times(tf, cfg.batch_size, gen).rows(rows)
-        trajectory = labels = None
-        if bank is not None:
-            pick = torch.randint(len(bank[0]), (cfg.batch_size,), generator=gen,
-                                 device=gen.device)[rows].to(runtime.device)
-            noise, trajectory = bank[0][pick], bank[1][:, pick]
-            labels = None if bank[2] is None else bank[2][pick]
-        else:
-            noise = runtime.place_batch(global_normal(shape, cfg.batch_size, rows, gen))
-            if num_classes and not data_labels:
-                labels = torch.randint(num_classes, (cfg.batch_size,), generator=gen,
-                                       device=gen.device)[rows].to(runtime.device)
-        data, batch_labels = batches(step) if batches is not None else (None, None)
-        if data_labels:
-            labels = batch_labels
-        with runtime.autocast():
-            loss = traflow_loss(model, target, teacher_velocity(teacher, labels), noise,
-                                config=tf, times=times, data=data, labels=labels,
-                                last_layer=last_layer, trajectory=trajectory, grad_mean=all_mean)
-        loss.total.backward()
-        grad_norm = optimizer_step(optimizer, params, step, cfg)
-        update_ema(target, student, cfg.target_ema)
-        update_ema(ema, student, cfg.ema_decay)
-        return {"loss": loss.total.detach(), "grad_norm": grad_norm,
-                **{f"loss_{name}" if name != "lambda_vel" else name: value
-                   for name, value in loss.terms.items()}}
-
+    cfg = spec.distill
+    teacher = load_teacher(cfg.teacher)
+    teacher_net = runtime.place(teacher.net)
+    step = build_distill_step(spec, runtime, teacher_net,
+                              cache_file=run_dir / "teacher_trajectories.safetensors",
+                              inputs_checked=claim.write_record, native_grid=teacher.native_grid)
     task = TrainTask(
-        run_dir=run_dir, title="distill", saved_modules={"net": student, "target": target,
-                                                         "ema": ema},
-        optimizer=optimizer, step_fn=step_fn, total_steps=cfg.duration_steps,
+        run_dir=run_dir, title="distill", saved_modules=step.saved_modules,
+        optimizer=step.optimizer, step_fn=step.step_fn, total_steps=cfg.duration_steps,
         images_per_step=cfg.batch_size,
-        metadata=net_metadata(config, "student", teacher=str(cfg.teacher)),
+        metadata=net_metadata(spec.net_config(), "student", teacher=str(cfg.teacher),
+                              time_grid=grid_kind(cfg, teacher.native_grid),
+                              grid_steps=cfg.grid_steps),
         log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
         keep_checkpoints=cfg.keep_checkpoints, nonfinite=cfg.nonfinite)
     summary = {"job": "distill", **train(task, runtime)}

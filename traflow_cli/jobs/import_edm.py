@@ -26,10 +26,11 @@ NATIVE_SOLVER = "heun"
 
 
 def default_preset(net_config: dict[str, Any]) -> str:
-    """The preset an EDM network fits: ImageNet-64 (conditional), FFHQ-64, else CIFAR-10's."""
+    """The preset an EDM network fits: ImageNet-64 (conditional), FFHQ-64 (an AFHQv2 file
+    looks the same: pass --preset afhqv2-64), else CIFAR-10's EDM preset."""
     if net_config["image_size"] == 64:
         return "imagenet64" if net_config["num_classes"] else "ffhq64"
-    return "cifar10"
+    return "cifar10-edm"
 
 
 def edm_teacher_spec(net_config: dict[str, Any], preset: str | None,

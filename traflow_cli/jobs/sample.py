@@ -49,8 +49,10 @@ from traflow_cli.sampling import (
     noise_for_indices,
     sample_student,
     sample_teacher,
+    start_state,
     student_times,
     teacher_row_velocity,
+    teacher_start_time,
     teacher_velocity,
 )
 from traflow_cli.specs import RunSpec, SampleSpec, SpecError
@@ -80,18 +82,23 @@ def generate(model: nn.Module, noise: Tensor, cfg: SampleSpec, labels: Tensor | 
              runtime: Runtime, fresh: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One batch of samples from noise [B, ...]; returns (samples, NFE of each sample [B])."""
     batch = noise.shape[0]
+    grid = None if cfg.time_grid == "native" else cfg.time_grid
     with runtime.autocast():
         if isinstance(model, Student):
-            times = student_times(cfg.nfe, cfg.times)
-            x = sample_student(model.net, noise, times, labels=labels, gamma=cfg.gamma,
-                               fresh=fresh)
+            times = (student_times(cfg.nfe, cfg.times) if cfg.times is not None else
+                     model.times(cfg.nfe, grid))
+            x = sample_student(model.net, start_state(noise, times[0]), times, labels=labels,
+                               gamma=cfg.gamma, fresh=fresh)
             return x, torch.full((batch,), cfg.nfe)
+        grid = grid or model.native_grid
         if cfg.solver == "rk45":
             # Step sizes per sample: the batch a sample lands in never changes its image.
-            return solve_rk45_per_sample(teacher_row_velocity(model, labels), noise,
-                                         rtol=cfg.rtol, atol=cfg.atol)
+            t0 = teacher_start_time(grid, model.sigma_range) if model.sigma_range else 0.0
+            return solve_rk45_per_sample(teacher_row_velocity(model, labels),
+                                         start_state(noise, t0), t0=t0, rtol=cfg.rtol,
+                                         atol=cfg.atol)
         x, nfe = sample_teacher(teacher_velocity(model, labels), noise, solver=cfg.solver,
-                                steps=cfg.steps)
+                                steps=cfg.steps, grid=grid, sigma_range=model.sigma_range)
         return x, torch.full((batch,), nfe)
 
 
@@ -114,6 +121,9 @@ def sampling_source(spec: RunSpec, run_dir: Path, model: Teacher | Student) -> d
                        "sample.atol": cfg.atol})
     else:
         source.update({"role": "teacher", "sample.solver": cfg.solver, "sample.steps": cfg.steps})
+    if cfg.time_grid != "native" and not (isinstance(model, Student) and cfg.times is not None
+                                         or cfg.solver == "rk45" and isinstance(model, Teacher)):
+        source["sample.time_grid"] = cfg.time_grid  # recorded only when it is not the default
     return source
 
 

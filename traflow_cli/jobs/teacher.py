@@ -1,12 +1,18 @@
-"""`traflow teacher train`: a rectified-flow teacher, top to bottom."""
+"""`traflow teacher train`: a rectified-flow teacher, top to bottom.
+
+`build_teacher_step` makes the one training step that the job's loop runs and `traflow bench`
+times (jobs/bench.py).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from traflow_cli.engine.distributed import wrap_ddp
 from traflow_cli.engine.ema import make_ema, update_ema
@@ -14,7 +20,7 @@ from traflow_cli.engine.loop import TrainTask, train
 from traflow_cli.engine.records import write_summary
 from traflow_cli.engine.runtime import Runtime
 from traflow_cli.flow import rectified_flow_loss, sample_train_times
-from traflow_cli.jobs.batches import global_normal, make_batch_source
+from traflow_cli.jobs.batches import BatchSource, global_normal, make_batch_source
 from traflow_cli.jobs.common import (
     RunClaim,
     claim_run_dir,
@@ -34,16 +40,26 @@ from traflow_cli.specs import RunSpec, SpecError
 SECTIONS = ("seed", "data", "net", "teacher")
 
 
-def train_teacher(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
-    """Train v(x, t) by rectified flow on the spec's data; resumes from run_dir if started."""
-    _check_labels(spec)
-    runtime = runtime_for(spec)
-    with claim_run_dir(run_dir, spec, job="teacher", sections=SECTIONS, runtime=runtime) as claim:
-        return _train_teacher(spec, claim, runtime)
+@dataclass
+class TeacherStep:
+    """One rectified-flow training step and what it updates: what the job's loop runs and
+    `traflow bench` times."""
+
+    net: nn.Module         # the trained weights (plain module; DDP/compile wrap it inside step_fn)
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    step_fn: Callable[[int], dict[str, Tensor]]
+
+    @property
+    def saved_modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net, "ema": self.ema}
 
 
-def _train_teacher(spec: RunSpec, claim: RunClaim, runtime: Runtime) -> dict[str, Any]:
-    run_dir = claim.run_dir
+def build_teacher_step(spec: RunSpec, runtime: Runtime, *, batches: BatchSource | None = None
+                       ) -> TeacherStep:
+    """A fresh network from spec.net, its EMA, its optimiser and `step_fn(step)`: data and noise
+    for the step, E||v(x_t, t) - (data - noise)||^2, backward, clipped Adam with the
+    learning-rate warm-up, EMA. `batches` replaces the spec's data source."""
     cfg = spec.teacher
     config = spec.net_config()
     torch.manual_seed(derive_seed(spec.seed, 5))  # initial weights: same for any process count
@@ -52,8 +68,9 @@ def _train_teacher(spec: RunSpec, claim: RunClaim, runtime: Runtime) -> dict[str
     params = list(net.parameters())
     optimizer = make_optimizer(params, cfg, runtime)
     model = runtime.maybe_compile(wrap_ddp(net, runtime.device))
-    batches = make_batch_source(spec.data, seed=spec.seed, global_batch=cfg.batch_size,
-                                runtime=runtime)
+    if batches is None:
+        batches = make_batch_source(spec.data, seed=spec.seed, global_batch=cfg.batch_size,
+                                    runtime=runtime)
     rows = rank_rows(cfg.batch_size, runtime)
     shape = sample_shape(config)
 
@@ -70,16 +87,30 @@ def _train_teacher(spec: RunSpec, claim: RunClaim, runtime: Runtime) -> dict[str
         update_ema(ema, net, cfg.ema_decay)
         return {"loss": loss.detach(), "grad_norm": grad_norm}
 
+    return TeacherStep(net=net, ema=ema, optimizer=optimizer, step_fn=step_fn)
+
+
+def train_teacher(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    """Train v(x, t) by rectified flow on the spec's data; resumes from run_dir if started."""
+    _check_labels(spec)
+    runtime = runtime_for(spec)
+    with claim_run_dir(run_dir, spec, job="teacher", sections=SECTIONS, runtime=runtime) as claim:
+        return _train_teacher(spec, claim, runtime)
+
+
+def _train_teacher(spec: RunSpec, claim: RunClaim, runtime: Runtime) -> dict[str, Any]:
+    cfg = spec.teacher
+    step = build_teacher_step(spec, runtime)
     task = TrainTask(
-        run_dir=run_dir, title="teacher", saved_modules={"net": net, "ema": ema},
-        optimizer=optimizer, step_fn=step_fn, total_steps=cfg.duration_steps,
-        images_per_step=cfg.batch_size, metadata=net_metadata(config, "teacher"),
+        run_dir=claim.run_dir, title="teacher", saved_modules=step.saved_modules,
+        optimizer=step.optimizer, step_fn=step.step_fn, total_steps=cfg.duration_steps,
+        images_per_step=cfg.batch_size, metadata=net_metadata(spec.net_config(), "teacher"),
         log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
         keep_checkpoints=cfg.keep_checkpoints, nonfinite=cfg.nonfinite)
     claim.write_record()  # the data opened and the network built: the inputs are good
     summary = {"job": "teacher", **train(task, runtime)}
     if runtime.is_main:
-        write_summary(run_dir, summary)
+        write_summary(claim.run_dir, summary)
     return summary
 
 

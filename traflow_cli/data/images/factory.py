@@ -13,7 +13,8 @@ from traflow_cli.data.images.files import folder_has_images
 from traflow_cli.data.images.torchvision_sets import CelebA64, cifar10_torchvision
 from traflow_cli.data.shapes import ShapesDataset
 
-IMAGE_DATASETS = ("cifar10", "celeba64", "ffhq64", "imagenet64", "folder", "shapes32")
+IMAGE_DATASETS = ("cifar10", "celeba64", "ffhq64", "afhqv2-64", "imagenet64", "folder",
+                  "shapes32")
 
 
 def default_data_root() -> Path:
@@ -106,19 +107,20 @@ def open_image_dataset(
         raise _not_found(name, root, "a torchvision CelebA folder (celeba/img_align_celeba) or an "
                          "EDM-style zip/folder of aligned faces", online=True)
 
-    if name in ("ffhq64", "imagenet64"):
+    if name in ("ffhq64", "afhqv2-64", "imagenet64"):
         _require_resolution(name, resolution, 64)
-        if name == "ffhq64" and use_labels:
-            raise ValueError("ffhq64: has no class labels; set data.use_labels=false")
+        if name != "imagenet64" and use_labels:
+            raise ValueError(f"{name}: has no class labels; set data.use_labels=false")
         if root is None or not _is_edm_source(root):
-            tool = ("--resolution=64x64" if name == "ffhq64"
-                    else "--transform=center-crop --resolution=64x64")
+            tool = ("--transform=center-crop --resolution=64x64" if name == "imagenet64"
+                    else "--resolution=64x64")
             where = f"no dataset at '{root}'" if root is not None else "no data.path given"
             raise DatasetNotFoundError(
                 f"{name}: {where} (looked for an EDM-style zip/folder); prepare one with EDM's "
                 f"dataset_tool.py {tool} and pass --set data.path=..."
             )
-        fit = "downscale" if name == "ffhq64" else "exact"  # FFHQ thumbnails/1024px are square
+        # FFHQ thumbnails/1024px and AFHQv2's 512px are square: downscaled as dataset_tool does.
+        fit = "exact" if name == "imagenet64" else "downscale"
         return EDMImageDataset(root, resolution=resolution, name=name, use_labels=use_labels,
                                fit=fit)
 
