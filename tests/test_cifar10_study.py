@@ -24,10 +24,11 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((study / "results.json").read_text())
     rows = {r["samples"]: r for r in results["rows"]}
-    assert set(rows) == {"teacher-euler1", "teacher-euler2", "teacher-euler4", "teacher-euler8",
-                         "teacher-rk45", "student-nfe1", "student-nfe2", "student-nfe4"}
+    # --quick keeps one row of each kind (the full study adds Euler 2, 4, 8 and NFE 4).
+    assert set(rows) == {"teacher-euler1", "teacher-rk45", "student-nfe1", "student-nfe2"}
+    assert results["complete"] is True
     assert all(math.isfinite(r["fid"]) and r["num_samples"] == 8 for r in rows.values())
-    assert [rows[f"student-nfe{k}"]["nfe"] for k in (1, 2, 4)] == [1, 2, 4]
+    assert [rows[f"student-nfe{k}"]["nfe"] for k in (1, 2)] == [1, 2]
     assert rows["teacher-rk45"]["psnr_vs_rk45_db"] == math.inf  # its own reference
     assert (study / "grid.png").is_file() and "| student | jump | 1 |" in (
         study / "results.md").read_text()

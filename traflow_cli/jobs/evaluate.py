@@ -24,9 +24,7 @@ from traflow_cli.metrics.toy import mmd_rbf, sliced_wasserstein
 from traflow_cli.models import load_student, load_teacher
 from traflow_cli.sampling import (
     noise_for_indices,
-    sample_student,
     sample_teacher,
-    student_times,
     teacher_velocity,
 )
 from traflow_cli.seeding import generator_for
@@ -101,7 +99,7 @@ def evaluate_toy(spec: RunSpec, *, teacher_dir: Path | None, student_dir: Path |
     if student_dir is not None:
         student = load_student(student_dir, runtime.device)
         for nfe in cfg.student_nfe:
-            x = sample_student(student.net, noise, student_times(nfe))
+            x = student.sample(noise, nfe=nfe)
             rows.append(measure("student", x.cpu(), nfe=nfe))
             pictures.append(scatter_panel(x, f"student NFE {nfe}"))
     for path, points in files:
@@ -131,15 +129,17 @@ def evaluate_agreement(spec: RunSpec, *, student_dir: Path, teacher_dir: Path,
     num_classes = student.config.get("num_classes", 0)
     labels = (torch.arange(count, device=runtime.device) % num_classes) if num_classes else None
     velocity = teacher_velocity(teacher, labels)
-    reference, teacher_nfe = sample_teacher(velocity, noise, solver="rk45",
-                                            rtol=spec.sample.rtol, atol=spec.sample.atol)
+    # An EDM teacher starts at t_min and steps on its native grid (Teacher.sample's rules).
+    native = {"grid": teacher.native_grid, "sigma_range": teacher.sigma_range}
+    reference, teacher_nfe = sample_teacher(velocity, noise, solver="rk45", rtol=spec.sample.rtol,
+                                            atol=spec.sample.atol, **native)
     rows = []
     for nfe in cfg.student_nfe:
-        x = sample_student(student.net, noise, student_times(nfe), labels=labels)
+        x = student.sample(noise, nfe=nfe, class_labels=labels)
         mse, psnr = mse_psnr(x, reference)
         rows.append({"model": "student", "nfe": nfe, "mse": mse, "psnr_db": psnr})
     for steps in cfg.teacher_steps:
-        x, nfe = sample_teacher(velocity, noise, solver="euler", steps=steps)
+        x, nfe = sample_teacher(velocity, noise, solver="euler", steps=steps, **native)
         mse, psnr = mse_psnr(x, reference)
         rows.append({"model": "teacher", "solver": "euler", "nfe": nfe, "mse": mse,
                      "psnr_db": psnr})
