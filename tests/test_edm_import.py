@@ -292,3 +292,17 @@ def test_an_edm_teacher_distills_on_its_karras_grid_and_its_student_samples(
     noise = noise_for_indices(range(4), (3, 16, 16), 0)
     expected = loaded.sample(noise, nfe=1, class_labels=torch.full((4,), 3))
     assert np.array_equal(np.load(fixed / "samples.npz")["images"], to_uint8(expected))
+
+
+@pytest.mark.parametrize("preset", ["imagenet64", "ffhq64", "afhqv2-64", "cifar10-edm"])
+def test_the_edm_presets_dry_run_with_an_imported_teacher(preset: str,
+                                                          imported: dict[str, Path]) -> None:
+    """`distill --preset P --teacher RUN --dry-run` prints what will run: the teacher's network
+    and image size, and the preset's recipe on the teacher's own grid."""
+    result = invoke("distill", "--preset", preset, "--teacher", imported["adm-cond"], "--dry-run")
+    assert result.exit_code == 0, result.output
+    spec = json.loads(result.stdout)
+    assert spec["preset"] == preset
+    assert spec["net"]["model"]["type"] == "DhariwalUNet" and spec["net"]["num_classes"] == 7
+    assert spec["data"]["resolution"] == 16 and spec["distill"]["time_grid"] == "native"
+    assert spec["distill"]["grid_steps"] == (40 if preset == "imagenet64" else 18)
