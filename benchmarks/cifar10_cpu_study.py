@@ -129,8 +129,9 @@ class Study:
     # -- the whole study --------------------------------------------------------------------
     def run(self) -> dict:
         """Stages in the order of what they answer: the student at 1 and 2 NFE against the
-        teacher's one step and its RK45 solve first, the other rows and the ablations after. A report is written after every
-        measured row, so a study stopped part-way still shows what it has measured."""
+        teacher's one step and its RK45 solve first, the other rows and the ablations after. A
+        report is written after every measured row, so a study stopped part-way shows what it
+        has measured."""
         self.train_teacher()
         self.distill("student")
         reference = self.export_reference()
