@@ -97,6 +97,12 @@ def teacher_start_time(grid: str, sigma_range: SigmaRange) -> float:
     return time_of_sigma((sigma_range or (EDM_SIGMA_MIN, EDM_SIGMA_MAX))[1])
 
 
+def rk45_start_time(grid: str, sigma_range: SigmaRange) -> float:
+    """Where an adaptive (RK45) solve starts: t = 0 for a rectified flow whatever the grid,
+    else where the EDM teacher's range begins."""
+    return teacher_start_time(grid, sigma_range) if sigma_range is not None else 0.0
+
+
 def teacher_grid(grid: str, steps: int, sigma_range: SigmaRange = None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
     """A teacher's time grid [steps + 1]: "uniform" (from teacher_start_time to 1) or "karras"
@@ -146,7 +152,7 @@ def sample_teacher(velocity: Velocity, noise: Tensor, *, solver: str = "euler", 
     deterministic `edm_sampler` with num_steps=steps.
     """
     if solver == "rk45":
-        t0 = teacher_start_time(grid, sigma_range) if sigma_range is not None else 0.0
+        t0 = rk45_start_time(grid, sigma_range)
         return solve_rk45(velocity, start_state(noise, t0), t0=t0, rtol=rtol, atol=atol)
     method = teacher_stepper(solver, sigma_range)
     times = teacher_grid(grid, steps, sigma_range, device=noise.device)

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from traflow_cli.engine.distributed import any_rank, barrier
-from traflow_cli.engine.records import write_spec_record
+from traflow_cli.engine.loop import TrainTask, train
+from traflow_cli.engine.records import write_spec_record, write_summary
 from traflow_cli.engine.runtime import Runtime, setup_runtime
 from traflow_cli.errors import UserError
 from traflow_cli.runfolder import (
@@ -145,3 +146,20 @@ def net_metadata(config: dict[str, Any], role: str, **extra: Any) -> dict[str, s
 
     return {"net_config": json.dumps(config, sort_keys=True), "role": role,
             **{k: json.dumps(v) if not isinstance(v, str) else v for k, v in extra.items()}}
+
+
+def run_training(job: str, claim: RunClaim, runtime: Runtime, section: TrainingSpec, step: Any,
+                 metadata: dict[str, str]) -> dict[str, Any]:
+    """Train a built step (its saved_modules, optimizer and step_fn) for the spec section's
+    duration with its bookkeeping, then write and return the run's summary."""
+    task = TrainTask(
+        run_dir=claim.run_dir, title=job, saved_modules=step.saved_modules,
+        optimizer=step.optimizer, step_fn=step.step_fn, total_steps=section.duration_steps,
+        images_per_step=section.batch_size, metadata=metadata,
+        log_every_steps=section.log_every_steps,
+        checkpoint_every_steps=section.checkpoint_every_steps,
+        keep_checkpoints=section.keep_checkpoints, nonfinite=section.nonfinite)
+    summary = {"job": job, **train(task, runtime)}
+    if runtime.is_main:
+        write_summary(claim.run_dir, summary)
+    return summary

@@ -33,8 +33,7 @@ from torch import Tensor, nn
 from traflow_cli.engine.checkpoint import run_checkpoint
 from traflow_cli.engine.distributed import all_mean, gather_shards, rank, shard, unwrap, wrap_ddp
 from traflow_cli.engine.ema import make_ema, update_ema
-from traflow_cli.engine.loop import TrainTask, train
-from traflow_cli.engine.records import atomic_write_bytes, write_summary
+from traflow_cli.engine.records import atomic_write_bytes
 from traflow_cli.engine.runtime import Runtime
 from traflow_cli.errors import one_line
 from traflow_cli.flow import trajectory_on_grid
@@ -46,6 +45,7 @@ from traflow_cli.jobs.common import (
     net_metadata,
     optimizer_step,
     rank_rows,
+    run_training,
     runtime_for,
     sample_shape,
 )
@@ -286,23 +286,12 @@ def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
 
 
 def _distill(spec: RunSpec, claim: RunClaim, runtime: Runtime) -> dict[str, Any]:
-    run_dir = claim.run_dir
     cfg = spec.distill
     teacher = load_teacher(cfg.teacher)
-    teacher_net = runtime.place(teacher.net)
-    step = build_distill_step(spec, runtime, teacher_net,
-                              cache_file=run_dir / "teacher_trajectories.safetensors",
+    step = build_distill_step(spec, runtime, runtime.place(teacher.net),
+                              cache_file=claim.run_dir / "teacher_trajectories.safetensors",
                               inputs_checked=claim.write_record, native_grid=teacher.native_grid)
-    task = TrainTask(
-        run_dir=run_dir, title="distill", saved_modules=step.saved_modules,
-        optimizer=step.optimizer, step_fn=step.step_fn, total_steps=cfg.duration_steps,
-        images_per_step=cfg.batch_size,
-        metadata=net_metadata(spec.net_config(), "student", teacher=str(cfg.teacher),
-                              time_grid=grid_kind(cfg, teacher.native_grid),
-                              grid_steps=cfg.grid_steps),
-        log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
-        keep_checkpoints=cfg.keep_checkpoints, nonfinite=cfg.nonfinite)
-    summary = {"job": "distill", **train(task, runtime)}
-    if runtime.is_main:
-        write_summary(run_dir, summary)
-    return summary
+    metadata = net_metadata(spec.net_config(), "student", teacher=str(cfg.teacher),
+                            time_grid=grid_kind(cfg, teacher.native_grid),
+                            grid_steps=cfg.grid_steps)
+    return run_training("distill", claim, runtime, cfg, step, metadata)

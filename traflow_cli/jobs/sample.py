@@ -47,12 +47,12 @@ from traflow_cli.jobs.writers import (
 from traflow_cli.models import Student, Teacher, load_student, load_teacher
 from traflow_cli.sampling import (
     noise_for_indices,
+    rk45_start_time,
     sample_student,
     sample_teacher,
     start_state,
     student_times,
     teacher_row_velocity,
-    teacher_start_time,
     teacher_velocity,
 )
 from traflow_cli.specs import RunSpec, SampleSpec, SpecError
@@ -93,7 +93,7 @@ def generate(model: nn.Module, noise: Tensor, cfg: SampleSpec, labels: Tensor | 
         grid = grid or model.native_grid
         if cfg.solver == "rk45":
             # Step sizes per sample: the batch a sample lands in never changes its image.
-            t0 = teacher_start_time(grid, model.sigma_range) if model.sigma_range else 0.0
+            t0 = rk45_start_time(grid, model.sigma_range)
             return solve_rk45_per_sample(teacher_row_velocity(model, labels),
                                          start_state(noise, t0), t0=t0, rtol=cfg.rtol,
                                          atol=cfg.atol)

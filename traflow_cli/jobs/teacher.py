@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from traflow_cli.engine.distributed import wrap_ddp
 from traflow_cli.engine.ema import make_ema, update_ema
-from traflow_cli.engine.loop import TrainTask, train
 from traflow_cli.engine.records import write_summary
 from traflow_cli.engine.runtime import Runtime
 from traflow_cli.flow import rectified_flow_loss, sample_train_times
@@ -28,6 +27,7 @@ from traflow_cli.jobs.common import (
     net_metadata,
     optimizer_step,
     rank_rows,
+    run_training,
     runtime_for,
     sample_shape,
 )
@@ -99,19 +99,10 @@ def train_teacher(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
 
 
 def _train_teacher(spec: RunSpec, claim: RunClaim, runtime: Runtime) -> dict[str, Any]:
-    cfg = spec.teacher
     step = build_teacher_step(spec, runtime)
-    task = TrainTask(
-        run_dir=claim.run_dir, title="teacher", saved_modules=step.saved_modules,
-        optimizer=step.optimizer, step_fn=step.step_fn, total_steps=cfg.duration_steps,
-        images_per_step=cfg.batch_size, metadata=net_metadata(spec.net_config(), "teacher"),
-        log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
-        keep_checkpoints=cfg.keep_checkpoints, nonfinite=cfg.nonfinite)
     claim.write_record()  # the data opened and the network built: the inputs are good
-    summary = {"job": "teacher", **train(task, runtime)}
-    if runtime.is_main:
-        write_summary(claim.run_dir, summary)
-    return summary
+    return run_training("teacher", claim, runtime, spec.teacher, step,
+                        net_metadata(spec.net_config(), "teacher"))
 
 
 def _check_labels(spec: RunSpec) -> None:
