@@ -11,7 +11,11 @@ What it writes, under STUDY_DIR (default runs/cifar10-cpu-study):
     results.json, results.md, grid.png, timings.json    the study's answer
 
 Usage: python benchmarks/cifar10_cpu_study.py [--study-dir DIR] [--data ZIP] [--samples N]
-       [--no-ablations] [--quick]    (--quick: a few steps of everything, for the test suite)
+       [--no-ablations] [--quick] [--workers N]
+  --quick: a few steps of everything, for the test suite.
+  --workers N: measure N rows at once, each command on OMP_NUM_THREADS/N threads (default 1).
+     On 2 cores, two 1-thread workers measure Inception features ~15% faster than one 2-thread
+     process (0.27 s/image each, against 0.16 s/image for the one). The numbers do not change.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +49,9 @@ class Study:
     reference: int = 10_000
     ablations: bool = True
     quick: bool = False
+    workers: int = 1
     timings: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- bookkeeping ------------------------------------------------------------------------
     def traflow(self, stage: str, *args: object) -> str:
@@ -51,20 +59,31 @@ class Study:
         command = [sys.executable, "-m", "traflow_cli", *map(str, args)]
         print(f"[study] {stage}: traflow {' '.join(map(str, args))}", file=sys.stderr, flush=True)
         began = time.perf_counter()
-        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=self.env)
         self.add_time(stage, time.perf_counter() - began)
         if done.returncode != 0:
             raise SystemExit(f"[study] {stage} failed (exit {done.returncode}); fix the cause and "
                              "re-run the study to continue")
         return done.stdout
 
+    @property
+    def env(self) -> dict[str, str]:
+        """The commands' environment: with several workers, the threads are split between them
+        (more threads than cores makes torch's spinning threads slow everything down)."""
+        env = dict(os.environ)
+        if self.workers > 1:
+            total = int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+            env["OMP_NUM_THREADS"] = str(max(1, total // self.workers))
+        return env
+
     def add_time(self, stage: str, seconds: float) -> None:
-        path = self.root / "timings.json"
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        saved[stage] = round(saved.get(stage, 0.0) + seconds, 1)
-        self.root.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
-        self.timings = saved
+        with self._lock:
+            path = self.root / "timings.json"
+            saved = json.loads(path.read_text()) if path.is_file() else {}
+            saved[stage] = round(saved.get(stage, 0.0) + seconds, 1)
+            self.root.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+            self.timings = saved
 
     def sets(self, *pairs: str) -> list[str]:
         return [a for pair in pairs for a in ("--set", pair)]
@@ -142,18 +161,34 @@ class Study:
             plan = plan[:4]
         if self.ablations:
             plan += [(run, "jump", k) for run in ABLATIONS for k in (1, 2)]
-        measured: list[tuple[str, str, Path, dict]] = []
-        for run, solver, k in plan:
-            if run.startswith("student-w"):
-                self.distill(run, ABLATIONS[run])
-            if solver == "jump":
-                folder = self.sample(f"{run}-nfe{k}", run, "--nfe", k)
-            elif solver == "euler":
-                folder = self.sample(f"teacher-euler{k}", run, "--solver", "euler", "--steps", k)
-            else:
-                folder = self.sample("teacher-rk45", run, "--solver", "rk45")
-            measured.append((run, solver, folder, self.fid(folder.name, folder, reference)))
-            out = self.report(measured, reference)
+        # Rows that share a run folder (an ablation's distillation) stay in one task, in order.
+        tasks: dict[str, list[tuple[int, str, str, int | None]]] = {}
+        for index, (run, solver, k) in enumerate(plan):
+            key = run if run.startswith("student-w") else f"row{index}"
+            tasks.setdefault(key, []).append((index, run, solver, k))
+        measured: dict[int, tuple[str, str, Path, dict]] = {}
+        out: dict = {}
+
+        def measure(rows: list[tuple[int, str, str, int | None]]) -> None:
+            nonlocal out
+            for index, run, solver, k in rows:
+                if run.startswith("student-w"):
+                    self.distill(run, ABLATIONS[run])
+                if solver == "jump":
+                    folder = self.sample(f"{run}-nfe{k}", run, "--nfe", k)
+                elif solver == "euler":
+                    folder = self.sample(f"teacher-euler{k}", run, "--solver", "euler",
+                                         "--steps", k)
+                else:
+                    folder = self.sample("teacher-rk45", run, "--solver", "rk45")
+                fid = self.fid(folder.name, folder, reference)
+                with self._lock:
+                    measured[index] = (run, solver, folder, fid)
+                    out = self.report([measured[i] for i in sorted(measured)], reference)
+
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            for future in [pool.submit(measure, rows) for rows in tasks.values()]:
+                future.result()
         return out
 
     def report(self, measured: list[tuple[str, str, Path, dict]], reference: Path) -> dict:
@@ -235,12 +270,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
+    if args.workers < 1:
+        raise SystemExit(f"--workers: must be at least 1, got {args.workers}")
     if not args.data.is_file():
         raise SystemExit(f"--data: no CIFAR-10 zip at {args.data}; pass the EDM-layout zip "
                          "(../shared/data/cifar10-jpeg-train.zip)")
     study = Study(root=args.study_dir, data=args.data.resolve(), samples=args.samples,
-                  ablations=not (args.no_ablations or args.quick), quick=args.quick)
+                  ablations=not (args.no_ablations or args.quick), quick=args.quick,
+                  workers=args.workers)
     out = study.run()
     print((study.root / "results.md").read_text())
     print(json.dumps({"results": str(study.root / "results.json"), "rows": len(out["rows"])}))

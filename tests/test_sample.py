@@ -239,6 +239,17 @@ def test_student_nfe_is_exact(student: Path, tmp_path: Path, nfe: int,
     assert len(calls) == 2 * nfe  # two batches
 
 
+def test_explicit_times_set_the_number_of_jumps(student: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # --times alone: its count sets the NFE, and the jumps differ from the default grid's.
+    calls = _count_network_calls(monkeypatch)
+    out = sample(student, tmp_path / "t", "-n", "3", "--times", "0,0.6,1", "--format", "npz")
+    assert out["nfe"] == 2 and len(calls) == 2
+    default = sample(student, tmp_path / "d", "-n", "3", "--nfe", "2", "--format", "npz")
+    a, b = (np.load(Path(r["out"]) / "samples.npz")["images"] for r in (out, default))
+    assert not np.array_equal(a, b)
+
+
 def test_teacher_fixed_step_nfe(teacher: Path, tmp_path: Path,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _count_network_calls(monkeypatch)

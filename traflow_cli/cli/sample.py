@@ -33,7 +33,8 @@ def sample_command(
         "-n", "--num-samples", help="How many samples. (default: the spec's sample.num_samples)",
         show_default=False)] = None,
     times: Annotated[str | None, typer.Option(
-        "--times", help="Student: explicit times 0,...,1 (nfe + 1 values). (default: uniform)",
+        "--times", help="Student: explicit times 0,...,1 (nfe + 1 values; --nfe defaults to "
+        "their count less one). (default: the student's grid)",
         show_default=False)] = None,
     solver: Annotated[str | None, typer.Option(
         "--solver", help="Teacher: euler, heun or rk45. (default: the spec's sample.solver)",
@@ -66,8 +67,11 @@ def sample_command(
     dry: o.DryRun = False,
 ) -> None:
     """Write samples of a teacher (ODE solve) or a student (few jumps); resumes a partial --out."""
+    jump_times = _times(times)
+    if nfe is None and jump_times is not None:
+        nfe = len(jump_times) - 1  # --times 0,0.6,1 means two jumps
     spec = o.resolve(preset, sets, device=device, seed=seed, run=(run, "RUN", RUN_JOBS), values={
-        "sample.nfe": nfe, "sample.num_samples": num_samples, "sample.times": _times(times),
+        "sample.nfe": nfe, "sample.num_samples": num_samples, "sample.times": jump_times,
         "sample.solver": solver, "sample.steps": steps, "sample.batch_size": batch_size,
         "sample.time_grid": time_grid,
         "sample.class_label": label, "sample.format": fmt})

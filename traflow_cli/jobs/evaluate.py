@@ -155,6 +155,8 @@ def evaluate_agreement(spec: RunSpec, *, student_dir: Path, teacher_dir: Path,
 
 # FID is biased upward at small N; CIFAR-10 results are reported at 50,000 samples.
 FID_PROTOCOL_SAMPLES = 50_000
+FID_CPU_BATCH = 8
+FID_GPU_BATCH = 100
 
 
 def fid_samples_path(samples: Path) -> tuple[Path, list[str]]:
@@ -184,7 +186,7 @@ def fid_samples_path(samples: Path) -> tuple[Path, list[str]]:
                    "run 'traflow sample' first")
 
 
-def evaluate_fid(spec: RunSpec, *, samples: Path, out: Path | None, batch_size: int = 100,
+def evaluate_fid(spec: RunSpec, *, samples: Path, out: Path | None, batch_size: int | None = None,
                  num_workers: int = 0, allow_download: bool = True) -> dict[str, Any]:
     """FID of samples (a `traflow sample` folder, an image folder, .zip or .npz) against
     spec.eval.fid_reference with clean-fid's protocol for spec.eval.fid_mode; writes fid.json
@@ -197,6 +199,10 @@ def evaluate_fid(spec: RunSpec, *, samples: Path, out: Path | None, batch_size: 
                         "--ref cifar10 (clean-fid statistics), a folder or .zip of images, or a "
                         "statistics .npz (mu, sigma)")
     device = resolve_device(spec.runtime.device)
+    if batch_size is None:
+        # Inception on CPU runs ~25% faster per image in batches of 8 than of 100 (cache-bound
+        # activations at 299x299); on a GPU large batches keep it busy.
+        batch_size = FID_CPU_BATCH if device.type == "cpu" else FID_GPU_BATCH
     measured, warnings = fid_samples_path(samples)
     began = time.perf_counter()
     fid = compute_fid(measured, cfg.fid_reference, mode=cfg.fid_mode, split=cfg.fid_split,
