@@ -155,8 +155,6 @@ def evaluate_agreement(spec: RunSpec, *, student_dir: Path, teacher_dir: Path,
 
 # FID is biased upward at small N; CIFAR-10 results are reported at 50,000 samples.
 FID_PROTOCOL_SAMPLES = 50_000
-FID_CPU_BATCH = 8
-FID_GPU_BATCH = 100
 
 
 def fid_samples_path(samples: Path) -> tuple[Path, list[str]]:
@@ -199,10 +197,6 @@ def evaluate_fid(spec: RunSpec, *, samples: Path, out: Path | None, batch_size: 
                         "--ref cifar10 (clean-fid statistics), a folder or .zip of images, or a "
                         "statistics .npz (mu, sigma)")
     device = resolve_device(spec.runtime.device)
-    if batch_size is None:
-        # Inception on CPU runs ~25% faster per image in batches of 8 than of 100 (cache-bound
-        # activations at 299x299); on a GPU large batches keep it busy.
-        batch_size = FID_CPU_BATCH if device.type == "cpu" else FID_GPU_BATCH
     measured, warnings = fid_samples_path(samples)
     began = time.perf_counter()
     fid = compute_fid(measured, cfg.fid_reference, mode=cfg.fid_mode, split=cfg.fid_split,
