@@ -35,7 +35,8 @@ def row(report: dict, model: str, task: str, nfe: float | None = None,
 
 
 def check_report(report: dict, batch: int, student_nfe: list[int], teacher_steps: list[int],
-                 rk45: bool = True, grid_steps: int = 18, vel_every: int = 1) -> None:
+                 rk45: bool = True, grid_steps: int = 18, vel_every: int = 1,
+                 derivative: str = "jvp") -> None:
     """Schema, every row present, and numbers that agree with each other."""
     assert isinstance(report["device"], str) and report["device"].startswith("cpu")
     assert report["matmul_peak_tflops"] > 0
@@ -65,9 +66,12 @@ def check_report(report: dict, batch: int, student_nfe: list[int], teacher_steps
     assert sorted(r["teacher_solve"] for r in distills) == ["cached", "per step"]
     for distill in distills:
         evals = distill["evaluations"]
-        # G and dG/ds (on every vel_every-th row) on the student; G^- on at most four batches
-        # (identity jumps are free); the teacher's Heun solve on the grid unless it is cached.
-        assert evals["student"] == 1 + math.ceil(batch / vel_every) / batch
+        # G and dG/ds (on every vel_every-th row: one forward-mode pass, or two jumps for a
+        # central difference) on the student; G^- on at most four batches (identity jumps are
+        # free); the teacher's Heun solve on the grid unless it is cached.
+        assert (distill["derivative"], distill["vel_every"]) == (derivative, vel_every)
+        per_row = 2 if derivative == "fd" else 1
+        assert evals["student"] == 1 + per_row * math.ceil(batch / vel_every) / batch
         assert 0 < evals["target"] <= 4
         assert evals["teacher"] == (0 if distill["teacher_solve"] == "cached" else 2 * grid_steps)
         assert distill["gflop_per_image"] > teacher_step["gflop_per_image"]
@@ -95,7 +99,7 @@ def test_bench_shapes32_image_networks() -> None:
                        "--set", "bench.repeats=1", "--set", "bench.student_nfe=[1,2]",
                        "--set", "bench.teacher_steps=[1,100]")
     check_report(report, batch=4, student_nfe=[1, 2], teacher_steps=[1, 100], grid_steps=8,
-                 vel_every=4)  # the preset's
+                 derivative="fd")  # the preset's "auto", on a CPU
     # A DDPM++ forward at 32x32 with nf=16 is a few hundred MFLOP, convolutions included.
     assert 0.05 < row(report, "teacher", "sample", 1)["gflop_per_image"] < 1.0
 

@@ -78,6 +78,24 @@ def test_jvp_derivative_matches_a_central_difference() -> None:
     assert torch.allclose(exact, approx, rtol=1e-5, atol=1e-5)
 
 
+def test_default_difference_step_tracks_forward_mode_in_float32() -> None:
+    """derivative="fd" at its default step, in float32 (the precision it runs in), against the
+    exact derivative: the step must sit between the s features' curvature and float32 rounding."""
+    _, student = _pair()
+    with torch.no_grad():  # an s branch as strong as the t branch: du/ds far from zero
+        for p in student.s_embed.parameters():
+            p.normal_(0, 0.3)
+    x, t = torch.randn(256, 2), torch.rand(256) * 0.5
+    s = t + 0.5 * torch.rand(256)
+    exact = jump_derivative(student, x, t, s, method="jvp")
+    approx = jump_derivative(student, x, t, s, method="fd")
+    assert ((approx - exact).norm() / exact.norm()).item() < 5e-3  # 1e-3 would be 19% off
+    # ... and its gradient in the weights is the exact one's, as L_vel trains through it.
+    grads = [torch.autograd.grad(d.square().sum(), student.output_layer.weight)[0]
+             for d in (exact, approx)]
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 5e-3
+
+
 def test_jvp_derivative_is_differentiable_in_the_weights() -> None:
     _, student = _pair()
     x, t, s = torch.randn(5, 2), torch.zeros(5), torch.full((5,), 0.5)
@@ -305,3 +323,29 @@ def test_vel_every_puts_the_velocity_term_on_every_nth_row_of_the_global_batch()
     d_jump = jump_derivative(student, every_row.x_r, every_row.r, every_row.s_vel)
     per_row = ((d_jump - every_row.chord_velocity) ** 2).mean(1)
     assert torch.allclose(loss.terms["vel"], per_row[::4].mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("runtime_change", [{"tf32": True}, {"amp_dtype": torch.bfloat16}])
+def test_a_central_difference_only_where_the_network_runs_in_full_float32(
+        runtime_change: dict) -> None:
+    """"fd" is refused where bf16 autocast or TF32 would round the network (a CUDA run), with one
+    line naming the field, before the teacher's trajectories are solved; "auto" takes forward
+    mode there and the difference on a float32 CPU run."""
+    from traflow_cli.engine.runtime import Runtime
+    from traflow_cli.jobs.distill import build_distill_step
+    from traflow_cli.presets import resolve_spec
+    from traflow_cli.specs import SpecError
+
+    teacher = build_net(resolve_spec("toy2d").net_config())
+    cpu = Runtime(device=torch.device("cpu"))
+    rounding = dataclasses.replace(cpu, **runtime_change)
+
+    def build(derivative: str, runtime: Runtime) -> str:
+        spec = resolve_spec("toy2d", [f"distill.derivative={derivative}",
+                                      "distill.trajectory_cache=4"])
+        return build_distill_step(spec, runtime, teacher, cache_file=None).derivative
+
+    with pytest.raises(SpecError, match=r"^distill\.derivative: .*runtime\.precision=fp32"):
+        build("fd", rounding)
+    assert build("auto", rounding) == "jvp"
+    assert (build("fd", cpu), build("auto", cpu), build("jvp", cpu)) == ("fd", "fd", "jvp")

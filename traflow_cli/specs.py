@@ -210,7 +210,8 @@ class TeacherSpec(TrainingSpec):
 
 
 class DistillSpec(TrainingSpec):
-    """TraFlow distillation (METHOD.md); field names follow traflow.TraFlowConfig."""
+    """TraFlow distillation (METHOD.md); field names follow traflow.TraFlowConfig (derivative
+    "auto" is resolved per runtime by jobs.distill.velocity_derivative)."""
 
     teacher: str | None = None
     grid_steps: PositiveInt = 18
@@ -227,8 +228,10 @@ class DistillSpec(TrainingSpec):
     lambda_clip: tuple[PositiveFloat, PositiveFloat] = (0.01, 10.0)
     distance: Literal["l2", "pseudo_huber"] = "l2"
     huber_c: PositiveFloat = 0.03
-    derivative: Literal["jvp", "fd"] = "jvp"
-    fd_step: PositiveFloat = 1e-3
+    # dG/ds for L_vel: forward mode ("jvp"), a central difference in s ("fd": float32 only), or
+    # "auto": fd where the student runs in float32 without TF32 (the CPU), jvp elsewhere.
+    derivative: Literal["jvp", "fd", "auto"] = "jvp"
+    fd_step: PositiveFloat = 1e-4
     vel_every: PositiveInt = 1
     target_ema: Unit = 0.9999
     trajectory_cache: NonNegativeInt = 0

@@ -246,7 +246,8 @@ def distill_train_steps(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module,
             update={"trajectory_cache": cache})})
         step = build_distill_step(variant, runtime, teacher_net, cache_file=None, batches=batches)
         steps.append(BenchedStep(
-            {"solver": "traflow", "teacher_solve": step.teacher_solve, "data": data},
+            {"solver": "traflow", "teacher_solve": step.teacher_solve, "data": data,
+             "derivative": step.derivative, "vel_every": spec.distill.vel_every},
             step.step_fn, {"student": step.student, "target": step.target,
                            "teacher": step.teacher}))
     return steps

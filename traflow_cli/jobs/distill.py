@@ -166,6 +166,19 @@ def _read_cache(path: Path, key: dict[str, Any]) -> tuple[dict[str, Tensor] | No
     return arrays, ""
 
 
+def velocity_derivative(section: DistillSpec, runtime: Runtime) -> str:
+    """"jvp" or "fd", the spec's choice for this runtime: a central difference needs full float32
+    (bf16 and TF32 round the difference of two jumps 2 x fd_step apart to noise)."""
+    rounds = runtime.amp_dtype is not None or runtime.tf32
+    if section.derivative == "auto":
+        return "jvp" if rounds else "fd"
+    if section.derivative == "fd" and section.w_vel > 0 and rounds:
+        raise SpecError("distill.derivative: 'fd' differences two jumps 2 x fd_step apart, which "
+                        "bf16 and TF32 round to noise; set runtime.precision=fp32 and "
+                        "runtime.tf32=false, or use distill.derivative=jvp (or auto)")
+    return section.derivative
+
+
 def cache_allowed(spec: RunSpec) -> bool:
     """Whether the spec's loss can read cached teacher solves (data-free, no data labels)."""
     cfg = spec.distill
@@ -185,6 +198,7 @@ class DistillStep:
     optimizer: torch.optim.Optimizer
     step_fn: Callable[[int], dict[str, Tensor]]
     teacher_solve: str     # "cached" or "per step"
+    derivative: str        # how L_vel's dG/ds is taken here: "jvp" or "fd"
 
     @property
     def saved_modules(self) -> dict[str, nn.Module]:
@@ -203,7 +217,8 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     cfg, tf = spec.distill, traflow_config(spec.distill)
     sigma_range: SigmaRange = getattr(teacher_net, "sigma_range", None)  # an EDM teacher's
     # Heun on an EDM teacher steps in EDM's coordinates (x / t against sigma), as its sampler.
-    tf = dataclasses.replace(tf, teacher_solver=teacher_stepper(tf.teacher_solver, sigma_range))
+    tf = dataclasses.replace(tf, teacher_solver=teacher_stepper(tf.teacher_solver, sigma_range),
+                             derivative=velocity_derivative(cfg, runtime))
     config = spec.net_config()
     torch.manual_seed(derive_seed(spec.seed, 5))  # the s branch's initial weights
     student = runtime.place(student_from_teacher(teacher_net, config))
@@ -274,7 +289,8 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
 
     return DistillStep(student=student, target=target, ema=ema, teacher=teacher_net,
                        optimizer=optimizer, step_fn=step_fn,
-                       teacher_solve="cached" if bank is not None else "per step")
+                       teacher_solve="cached" if bank is not None else "per step",
+                       derivative=tf.derivative)
 
 
 def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
