@@ -91,7 +91,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         pairs = [("TraFlow step / flow-matching step (time)",
                   f"test_traflow_step[{name}]", f"test_flow_matching_step[{name}]"),
                  ("teacher 100-step Euler / student 1-NFE (time)",
-                  f"test_teacher_euler_100[{name}]", f"test_student_sampler[{name}-1]")]
+                  f"test_teacher_euler_100[{name}]", f"test_student_sampler[{name}-1]"),
+                 *[(f"dG/ds by {how} / a plain jump (time, forward + backward)",
+                    f"test_velocity_derivative[{name}-{how}]",
+                    f"test_velocity_derivative[{name}-plain jump]") for how in ("jvp", "fd")]]
         for label, num, den in pairs:
             if found.get(num) and found.get(den):
                 lines.append(f"{name}: {label} = {found[num] / found[den]:.1f}")

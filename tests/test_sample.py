@@ -369,7 +369,10 @@ def test_png_writer_is_lossless_and_reports_failures(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ctrl_c_keeps_what_was_made_and_says_how_to_resume(student: Path, tmp_path: Path) -> None:
     out = tmp_path / "samples"
-    args = [sys.executable, "-m", "traflow_cli", "sample", str(student), "-n", "600",
+    # Enough samples that the run cannot end before the signal lands, even on a fast machine
+    # (600 took 1.1 s on one; this is several seconds there, and the resume below writes them).
+    total = 3000
+    args = [sys.executable, "-m", "traflow_cli", "sample", str(student), "-n", str(total),
             "--batch-size", "4", "--out", str(out)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -383,6 +386,7 @@ def test_ctrl_c_keeps_what_was_made_and_says_how_to_resume(student: Path, tmp_pa
     assert "Traceback" not in stderr
     made = existing_indices(out / "images")
     assert made and not list((out / "images").glob(".*tmp"))  # whole files only
-    result = invoke("sample", student, "-n", "600", "--batch-size", "4", "--out", out, "--json")
+    result = invoke("sample", student, "-n", str(total), "--batch-size", "4", "--out", out,
+                    "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["made_now"] == 600 - len(made)
+    assert json.loads(result.stdout)["made_now"] == total - len(made)
