@@ -366,15 +366,24 @@ def test_png_writer_is_lossless_and_reports_failures(tmp_path: Path) -> None:
         writer.close()
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.slow
-def test_ctrl_c_keeps_what_was_made_and_says_how_to_resume(student: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("started", ["in the foreground", "with SIGINT ignored"])
+def test_ctrl_c_keeps_what_was_made_and_says_how_to_resume(student: Path, tmp_path: Path,
+                                                            started: str) -> None:
+    # "with SIGINT ignored": how a script's background job (`traflow sample ... &`) starts; the
+    # signal must still stop it cleanly, as it stops the training jobs.
     out = tmp_path / "samples"
     # Enough samples that the run cannot end before the signal lands, even on a fast machine
     # (600 took 1.1 s on one; this is several seconds there, and the resume below writes them).
     total = 3000
     args = [sys.executable, "-m", "traflow_cli", "sample", str(student), "-n", str(total),
             "--batch-size", "4", "--out", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ignore_sigint if started != "in the foreground" else None)
     deadline = time.time() + 120
     while len(existing_indices(out / "images")) < 8:
         assert proc.poll() is None and time.time() < deadline, "it ended before Ctrl-C"

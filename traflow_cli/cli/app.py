@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import warnings
 
 import typer
@@ -33,4 +34,8 @@ app.command("bench")(bench.bench_command)
 
 
 def main() -> None:
+    # A script's background job (`traflow ... &`) starts with SIGINT ignored, and Python then
+    # keeps it ignored: restore Ctrl-C's KeyboardInterrupt so that every subcommand stops with
+    # its one line and exit code 130 there too (the training jobs and sample also catch SIGTERM).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     app()

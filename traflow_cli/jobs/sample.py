@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from traflow_cli.engine.checkpoint import run_checkpoint, sha256_file
 from traflow_cli.engine.distributed import barrier
+from traflow_cli.engine.loop import stop_requests
 from traflow_cli.engine.progress import ProgressBar
 from traflow_cli.engine.records import atomic_write_json, write_summary
 from traflow_cli.engine.runtime import Runtime
@@ -189,9 +190,14 @@ def _sample_run(spec: RunSpec, run_dir: Path, claim: RunClaim, runtime: Runtime
     # The fresh noise of gamma-sampling is seeded per sample too: steps 1.. of the same stream.
     fresh_steps = cfg.nfe - 1 if isinstance(model, Student) and cfg.gamma > 0 else 0
     try:
-        with ProgressBar("sample", done_before + len(mine), completed=done_before,
-                         enabled=runtime.is_main, unit="samples") as bar:
+        # Ctrl-C/SIGTERM stop after the batch in flight, as the training jobs do, also when
+        # the process was started with SIGINT ignored (a background job of a script).
+        with stop_requests() as stop, ProgressBar(
+                "sample", done_before + len(mine), completed=done_before,
+                enabled=runtime.is_main, unit="samples") as bar:
             for start in range(0, len(mine), cfg.batch_size):
+                if stop["stop"]:
+                    raise KeyboardInterrupt
                 indices = mine[start:start + cfg.batch_size]
                 draws = noise_for_indices(indices, (1 + fresh_steps, *shape), spec.seed)
                 noise = runtime.place_batch(draws[:, 0])
