@@ -142,6 +142,13 @@ CASES: list[tuple[str, Args, str]] = [
     ("distill-cache-negative", lambda c: ["distill", "--teacher", c.teacher, "--out", c.new,
                                           "--set", "distill.trajectory_cache=-1"],
      "distill.trajectory_cache"),
+    ("distill-shared-solve-with-cache", lambda c: ["distill", "--teacher", c.teacher, "--out",
+                                                   c.new, "--set", "distill.draws_per_solve=4"],
+     "draws_per_solve"),  # the toy preset caches its solves
+    ("distill-shared-solve-uneven", lambda c: ["distill", "--teacher", c.teacher, "--out", c.new,
+                                               "--set", "distill.trajectory_cache=0",
+                                               "--set", "distill.draws_per_solve=3"],
+     "draws_per_solve"),
     ("distill-out-is-teacher", lambda c: ["distill", "--teacher", c.teacher, "--out", c.teacher],
      "--out"),
     # sample

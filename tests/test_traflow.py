@@ -349,3 +349,42 @@ def test_a_central_difference_only_where_the_network_runs_in_full_float32(
         build("fd", rounding)
     assert build("auto", rounding) == "jvp"
     assert (build("fd", cpu), build("auto", cpu), build("jvp", cpu)) == ("fd", "fd", "jvp")
+
+
+def test_draws_per_solve_shares_one_teacher_solve_among_k_rows() -> None:
+    """distill.draws_per_solve = K: the step solves the teacher for B / K noises, and the K rows
+    of each read its trajectory with their own times; K = 1 solves every row."""
+    from traflow_cli.engine.runtime import Runtime
+    from traflow_cli.jobs import distill
+    from traflow_cli.jobs.bench import count_evaluations
+    from traflow_cli.presets import resolve_spec
+
+    teacher = build_net(resolve_spec("toy2d").net_config()).requires_grad_(False)
+    seen: list[tuple] = []  # (noise, trajectory, times) of each loss call
+    real_loss = distill.traflow_loss
+
+    def recording_loss(*args, **kwargs):
+        seen.append((args[3], kwargs["trajectory"], kwargs["times"]))
+        return real_loss(*args, **kwargs)
+
+    evals = {}
+    for k in (1, 4):
+        spec = resolve_spec("toy2d", [f"distill.draws_per_solve={k}", "distill.batch_size=32",
+                                      "distill.grid_steps=6", "distill.trajectory_cache=0"])
+        step = distill.build_distill_step(spec, Runtime(device=torch.device("cpu")), teacher,
+                                          cache_file=None)
+        distill.traflow_loss = recording_loss
+        try:
+            with count_evaluations({"teacher": teacher}, batch=32) as counts:
+                metrics = step.step_fn(0)
+        finally:
+            distill.traflow_loss = real_loss
+        assert torch.isfinite(metrics["loss"])
+        evals[k] = counts["teacher"]
+    assert evals == {1: 12.0, 4: 3.0}  # Heun: two evaluations per grid step, per solve
+    noise, trajectory, times = seen[-1]
+    assert trajectory.shape[1] == 32 and torch.equal(trajectory[0], noise)
+    groups = noise.reshape(8, 4, -1)
+    assert torch.equal(groups, groups[:, :1].expand_as(groups))  # 4 rows, one noise
+    assert not torch.equal(times.j.reshape(8, 4), times.j.reshape(8, 4)[:, :1].expand(8, 4))
+    assert seen[0][1] is None  # K = 1: solved inside the loss, every row its own noise

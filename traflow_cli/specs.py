@@ -235,6 +235,9 @@ class DistillSpec(TrainingSpec):
     vel_every: PositiveInt = 1
     target_ema: Unit = 0.9999
     trajectory_cache: NonNegativeInt = 0
+    # Teacher solved every step (no cache): K consecutive rows share one noise and its solve,
+    # each with its own time draw, so the step pays N Heun steps for B / K trajectories.
+    draws_per_solve: PositiveInt = 1
 
     @model_validator(mode="after")
     def _coherent(self) -> DistillSpec:
@@ -242,6 +245,13 @@ class DistillSpec(TrainingSpec):
             raise ValueError("every loss weight is 0; set at least one of w_out, w_vel, w_sc, w_fm")
         if self.start == "data" and self.trajectory_cache > 0:
             raise ValueError("trajectory_cache needs start='teacher' (cached solves start at noise)")
+        if self.draws_per_solve > 1:
+            if self.trajectory_cache > 0 or self.start == "data":
+                raise ValueError("draws_per_solve shares the teacher's per-step solve from noise; "
+                                 "set it to 1 with a trajectory_cache or start='data'")
+            if self.batch_size % self.draws_per_solve:
+                raise ValueError(f"draws_per_solve ({self.draws_per_solve}) must divide batch_size "
+                                 f"({self.batch_size})")
         if self.lambda_clip[0] > self.lambda_clip[1]:
             raise ValueError("lambda_clip must be (low, high) with low <= high")
         return self

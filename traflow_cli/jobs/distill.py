@@ -5,7 +5,8 @@ One step (`build_distill_step`'s `step_fn`), top to bottom; every random draw de
 1. reseed dropout from (seed, rank, step); draw the step's times on the teacher's grid
    (t, u, s, the chord time r and s_vel, the anchor time) for the global batch, keep this rank's rows;
 2. noise: rows of the trajectory cache (with their teacher trajectories and classes), or fresh
-   noise (and classes drawn uniformly for a class-conditional teacher); data when a term reads it;
+   noise (and classes drawn uniformly for a class-conditional teacher), one draw for every
+   `draws_per_solve` rows, which then share its teacher solve; data when a term reads it;
 3. the teacher's side, without gradient: its trajectory on the grid (solved now unless cached),
    then the targets: x_t, the G^- ends of L_out and L_sc, the chord of L_vel (traflow.py);
 4. the student's side: its terms against those targets, the adaptive lambda, the total;
@@ -230,6 +231,12 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     teacher = runtime.maybe_compile(teacher_net)
     last_layer = unwrap(student).output_layer.weight
     rows = rank_rows(cfg.batch_size, runtime)
+    # Rows per teacher solve, when it is solved every step (the spec refuses it with a cache).
+    share = 1 if cfg.trajectory_cache else cfg.draws_per_solve
+    if runtime.world_size > 1 and (rows.stop - rows.start) % share:
+        raise SpecError(f"distill.draws_per_solve: {share} must divide each process's share of "
+                        f"the batch ({rows.stop - rows.start} rows); choose a divisor of it")
+    solve_rows = slice(rows.start // share, rows.stop // share)  # this rank's shared solves
     if runtime.world_size > 1 and (rows.stop - rows.start) % cfg.vel_every:
         raise SpecError(f"distill.vel_every: {cfg.vel_every} must divide each process's share of "
                         f"the batch ({rows.stop - rows.start} rows), so that every process has as "
@@ -268,14 +275,23 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
             noise, trajectory = bank[0][pick], bank[1][:, pick]
             labels = None if bank[2] is None else bank[2][pick]
         else:
-            noise = runtime.place_batch(global_normal(shape, cfg.batch_size, rows, gen))
+            solves = cfg.batch_size // share
+            noise = runtime.place_batch(global_normal(shape, solves, solve_rows, gen))
             if num_classes and not data_labels:
-                labels = torch.randint(num_classes, (cfg.batch_size,), generator=gen,
-                                       device=gen.device)[rows].to(runtime.device)
+                labels = torch.randint(num_classes, (solves,), generator=gen,
+                                       device=gen.device)[solve_rows].to(runtime.device)
         data, batch_labels = batches(step) if needs_data else (None, None)
         if data_labels:
             labels = batch_labels
         with runtime.autocast():
+            if share > 1:  # one solve per noise, read by its `share` rows as a cached one is
+                with torch.no_grad():
+                    trajectory = trajectory_on_grid(
+                        teacher_velocity(teacher, labels), start_state(noise, grid[0]),
+                        torch.zeros(len(noise), dtype=torch.long, device=noise.device), grid,
+                        method=tf.teacher_solver).repeat_interleave(share, dim=1)
+                noise = runtime.place_batch(noise.repeat_interleave(share, dim=0))
+                labels = None if labels is None else labels.repeat_interleave(share)
             loss = traflow_loss(model, target, teacher_velocity(teacher, labels), noise,
                                 config=tf, grid=grid, times=times, data=data, labels=labels,
                                 last_layer=last_layer, trajectory=trajectory, grad_mean=all_mean)
