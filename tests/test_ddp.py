@@ -94,7 +94,9 @@ def test_teacher_training_on_two_processes_equals_one(teachers: tuple[Path, Path
     ["--set", "distill.trajectory_cache=128"],
     # Solved per step on each rank's rows; flow-matching anchor on the toy data stream.
     ["--set", "distill.trajectory_cache=0", "--set", "distill.w_fm=0.5"],
-], ids=["cached", "per-step-with-fm"])
+    # Solved per step, 4 rows per solve: each rank solves its slice of the global batch's noises.
+    ["--set", "distill.trajectory_cache=0", "--set", "distill.draws_per_solve=4"],
+], ids=["cached", "per-step-with-fm", "per-step-shared-solves"])
 def test_distillation_on_two_processes_equals_one(teachers: tuple[Path, Path], tmp_path: Path,
                                                   extra: list[str]) -> None:
     teacher = teachers[0]
