@@ -351,7 +351,8 @@ def test_a_central_difference_only_where_the_network_runs_in_full_float32(
     assert (build("fd", cpu), build("auto", cpu), build("jvp", cpu)) == ("fd", "fd", "jvp")
 
 
-def test_draws_per_solve_shares_one_teacher_solve_among_k_rows() -> None:
+def test_draws_per_solve_shares_one_teacher_solve_among_k_rows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """distill.draws_per_solve = K: the step solves the teacher for B / K noises, and the K rows
     of each read its trajectory with their own times; K = 1 solves every row."""
     from traflow_cli.engine.runtime import Runtime
@@ -373,15 +374,13 @@ def test_draws_per_solve_shares_one_teacher_solve_among_k_rows() -> None:
                                       "distill.grid_steps=6", "distill.trajectory_cache=0"])
         step = distill.build_distill_step(spec, Runtime(device=torch.device("cpu")), teacher,
                                           cache_file=None)
-        distill.traflow_loss = recording_loss
-        try:
-            with count_evaluations({"teacher": teacher}, batch=32) as counts:
-                metrics = step.step_fn(0)
-        finally:
-            distill.traflow_loss = real_loss
+        monkeypatch.setattr(distill, "traflow_loss", recording_loss)
+        with count_evaluations({"teacher": teacher}, batch=32) as counts:
+            metrics = step.step_fn(0)
         assert torch.isfinite(metrics["loss"])
         evals[k] = counts["teacher"]
     assert evals == {1: 12.0, 4: 3.0}  # Heun: two evaluations per grid step, per solve
+    assert step.draws_per_solve == 4
     noise, trajectory, times = seen[-1]
     assert trajectory.shape[1] == 32 and torch.equal(trajectory[0], noise)
     groups = noise.reshape(8, 4, -1)

@@ -113,7 +113,7 @@ def jump_derivative(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Ten
         _, derivative = torch.func.jvp(along_s, (s,), (torch.ones_like(s),))
         return derivative
     if method == "fd":
-        # Two plain passes (2.4x cheaper than forward mode through a U-Net on a CPU); float32
+        # Two plain passes (2.6x cheaper than forward mode through a U-Net on a CPU); float32
         # only: in bf16 or TF32 the difference of two jumps 2 * fd_step apart is rounding noise.
         # One batched call at s + h and s - h; the difference is taken of G - x = (s - t) u, as
         # x cancels exactly and would only add its rounding.
@@ -227,6 +227,14 @@ def start_state(noise: Tensor, t_start: float | Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def trajectory_from_noise(teacher: Velocity, noise: Tensor, grid: Tensor, method: str) -> Tensor:
+    """The teacher's states on the whole grid [N + 1, B, ...] from noise [B, ...], starting at
+    grid[0] (a trajectory cache's rows, or a batch's data-free solve)."""
+    starts = torch.zeros(len(noise), dtype=torch.long, device=noise.device)
+    return trajectory_on_grid(teacher, start_state(noise, grid[0]), starts, grid, method=method)
+
+
+@torch.no_grad()
 def solve_teacher(teacher: Velocity, noise: Tensor, grid: Tensor, times: TimeDraw, *,
                   config: TraFlowConfig, data: Tensor | None = None) -> TeacherSolve:
     """Phi on the grid for a batch of noise [B, ...] (METHOD.md, "The three targets").
@@ -236,9 +244,7 @@ def solve_teacher(teacher: Velocity, noise: Tensor, grid: Tensor, times: TimeDra
     """
     method = config.teacher_solver
     if config.start == "teacher":
-        i = times.i.to(noise.device)
-        trajectory = trajectory_on_grid(teacher, start_state(noise, grid[0]), torch.zeros_like(i),
-                                        grid, method=method)
+        trajectory = trajectory_from_noise(teacher, noise, grid, method)
         return TeacherSolve(trajectory=trajectory, x_hat=trajectory[-1])
     if data is None:
         raise ValueError("start='data' needs a data batch")

@@ -242,15 +242,13 @@ def distill_train_steps(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module,
     caches = [batch, 0] if cache_allowed(spec) else [0]
     steps = []
     for cache in caches:
-        # A cached solve is not in the step, so nothing shares it (the spec refuses both).
-        shared = 1 if cache else spec.distill.draws_per_solve
         variant = spec.model_copy(update={"distill": spec.distill.model_copy(
-            update={"trajectory_cache": cache, "draws_per_solve": shared})})
+            update={"trajectory_cache": cache})})
         step = build_distill_step(variant, runtime, teacher_net, cache_file=None, batches=batches)
         steps.append(BenchedStep(
             {"solver": "traflow", "teacher_solve": step.teacher_solve, "data": data,
              "derivative": step.derivative, "vel_every": spec.distill.vel_every,
-             "draws_per_solve": variant.distill.draws_per_solve},
+             "draws_per_solve": step.draws_per_solve},
             step.step_fn, {"student": step.student, "target": step.target,
                            "teacher": step.teacher}))
     return steps

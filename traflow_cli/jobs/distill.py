@@ -37,7 +37,6 @@ from traflow_cli.engine.ema import make_ema, update_ema
 from traflow_cli.engine.records import atomic_write_bytes
 from traflow_cli.engine.runtime import Runtime
 from traflow_cli.errors import one_line
-from traflow_cli.flow import trajectory_on_grid
 from traflow_cli.jobs.batches import BatchSource, global_normal, make_batch_source
 from traflow_cli.jobs.common import (
     RunClaim,
@@ -55,7 +54,7 @@ from traflow_cli.nets import student_from_teacher
 from traflow_cli.sampling import SigmaRange, teacher_grid, teacher_stepper, teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
 from traflow_cli.specs import DistillSpec, RunSpec, SpecError, check_teacher_run
-from traflow_cli.traflow import TraFlowConfig, draw_times, start_state, traflow_loss
+from traflow_cli.traflow import TraFlowConfig, draw_times, traflow_loss, trajectory_from_noise
 
 log = logging.getLogger("traflow")
 
@@ -122,11 +121,9 @@ def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, se
               if num_classes else None)
     # Under DDP each rank solves its share of the rows, then every rank gets all of them.
     mine = shard(count)
-    parts = [trajectory_on_grid(teacher_velocity(teacher, None if labels is None else
-                                                 labels[mine][start:start + batch]),
-                                start_state(chunk, grid[0]),
-                                torch.zeros(len(chunk), dtype=torch.long, device=device),
-                                grid, method=solver)
+    parts = [trajectory_from_noise(teacher_velocity(teacher, None if labels is None else
+                                                    labels[mine][start:start + batch]),
+                                   chunk, grid, solver)
              for start, chunk in zip(range(0, count, batch), noise[mine].split(batch),
                                      strict=False)]
     empty = noise.new_empty((len(grid), 0, *shape))
@@ -200,6 +197,7 @@ class DistillStep:
     step_fn: Callable[[int], dict[str, Tensor]]
     teacher_solve: str     # "cached" or "per step"
     derivative: str        # how L_vel's dG/ds is taken here: "jvp" or "fd"
+    draws_per_solve: int   # rows per teacher solve here (1 with a cache: no solve in the step)
 
     @property
     def saved_modules(self) -> dict[str, nn.Module]:
@@ -285,11 +283,8 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
             labels = batch_labels
         with runtime.autocast():
             if share > 1:  # one solve per noise, read by its `share` rows as a cached one is
-                with torch.no_grad():
-                    trajectory = trajectory_on_grid(
-                        teacher_velocity(teacher, labels), start_state(noise, grid[0]),
-                        torch.zeros(len(noise), dtype=torch.long, device=noise.device), grid,
-                        method=tf.teacher_solver).repeat_interleave(share, dim=1)
+                trajectory = trajectory_from_noise(teacher_velocity(teacher, labels), noise, grid,
+                                                   tf.teacher_solver).repeat_interleave(share, 1)
                 noise = runtime.place_batch(noise.repeat_interleave(share, dim=0))
                 labels = None if labels is None else labels.repeat_interleave(share)
             loss = traflow_loss(model, target, teacher_velocity(teacher, labels), noise,
@@ -306,7 +301,7 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     return DistillStep(student=student, target=target, ema=ema, teacher=teacher_net,
                        optimizer=optimizer, step_fn=step_fn,
                        teacher_solve="cached" if bank is not None else "per step",
-                       derivative=tf.derivative)
+                       derivative=tf.derivative, draws_per_solve=share)
 
 
 def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
