@@ -10,8 +10,11 @@ What it writes, under STUDY_DIR (default runs/cifar10-cpu-study):
     samples/NAME/                                       `traflow sample` folders (+ fid.json)
     results.json, results.md, grid.png, timings.json    the study's answer
 
-Usage: python benchmarks/cifar10_cpu_study.py [--study-dir DIR] [--data ZIP] [--samples N]
+Usage: python benchmarks/cifar10_cpu_study.py [--study-dir DIR] [--data PATH] [--samples N]
        [--no-ablations] [--quick] [--workers N]
+  --data PATH: the CIFAR-10 training images, as an EDM-layout zip or folder (CLASS/NNNN.jpg and
+     dataset.json) or torchvision's cifar-10-batches-py folder. Without it, torchvision's copy
+     under traflow's data root ($TRAFLOW_DATA or ~/.cache/traflow/data, in cifar10/) if there.
   --quick: a few steps of everything, for the test suite.
   --workers N: measure N rows at once, each command on OMP_NUM_THREADS/N threads (default 1).
      On 2 cores, two 1-thread workers measure Inception features ~15% faster than one 2-thread
@@ -36,7 +39,6 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg-train.zip"
 PRESET = "cifar10-cpu"
 ABLATIONS = {"student-wvel0": "distill.w_vel=0", "student-wsc0": "distill.w_sc=0"}
 
@@ -263,10 +265,27 @@ def markdown_table(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resolve_data(data: Path | None) -> Path:
+    """The study's CIFAR-10 training images: --data, else torchvision's copy under traflow's
+    data root; a one-line SystemExit when there is neither."""
+    if data is None:
+        sys.path.insert(0, str(REPO))
+        from traflow_cli.data.images.factory import default_data_root
+
+        data = default_data_root() / "cifar10" / "cifar-10-batches-py"
+        if not data.is_dir():
+            raise SystemExit(f"--data: no CIFAR-10 given and no torchvision copy at {data}; pass "
+                             "--data with an EDM-layout zip or torchvision's cifar-10-batches-py")
+    elif not data.exists():
+        raise SystemExit(f"--data: nothing at {data}; pass an EDM-layout CIFAR-10 zip or folder, "
+                         "or torchvision's cifar-10-batches-py folder")
+    return data.resolve()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study-dir", type=Path, default=REPO / "runs" / "cifar10-cpu-study")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--quick", action="store_true")
@@ -274,10 +293,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.workers < 1:
         raise SystemExit(f"--workers: must be at least 1, got {args.workers}")
-    if not args.data.is_file():
-        raise SystemExit(f"--data: no CIFAR-10 zip at {args.data}; pass the EDM-layout zip "
-                         "(../shared/data/cifar10-jpeg-train.zip)")
-    study = Study(root=args.study_dir, data=args.data.resolve(), samples=args.samples,
+    study = Study(root=args.study_dir, data=resolve_data(args.data), samples=args.samples,
                   ablations=not (args.no_ablations or args.quick), quick=args.quick,
                   workers=args.workers)
     out = study.run()

@@ -1,4 +1,4 @@
-"""The CUDA check of issue 11, stage by stage; `benchmarks/gpu_check.sh` runs it (read its header).
+"""traflow's CUDA check, stage by stage; `benchmarks/gpu_check.sh` runs it (read its header).
 
 Every stage is a `traflow` command as a user types it (run in this process through the CLI app,
 except the run that is killed, which is a child process):

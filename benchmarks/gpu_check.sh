@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# traflow's CUDA check (issue 11): ONE command on one GPU, under 8 minutes, no network.
+# traflow's CUDA check: ONE command on one GPU, under 8 minutes, no network.
 #
 # What it runs (benchmarks/gpu_check.py): on the cifar10 preset's 61.8M-parameter DDPM++ and the
 # CIFAR-10 zip, a short `teacher train` and `distill` (every loss finite; a run SIGKILLed after
@@ -11,9 +11,10 @@
 # runtime.compile=off and with precision=fp32, so each option's speed-up is a measured ratio.
 # It prints one JSON summary (last line) and writes $OUT/gpu_check.json and $OUT/gpu_check.log.
 #
-#   bash benchmarks/gpu_check.sh --prepare   # here, once (needs the package index): the wheels
-#                                            # the GPU image lacks and the CIFAR-10 zip go into
-#                                            # .carry/ (ignored by git, carried by the call)
+#   bash benchmarks/gpu_check.sh --prepare --data ZIP
+#                          # here, once (needs the package index): the wheels the GPU image lacks
+#                          # and ZIP (the CIFAR-10 training images as an EDM-layout zip) go into
+#                          # .carry/ (ignored by git, carried by the call)
 #   bash benchmarks/gpu_check.sh             # on the GPU machine
 #   bash benchmarks/gpu_check.sh --cpu       # every stage at toy sizes on the CPU (CI runs it)
 #   ... [--out DIR] [--only teacher,distill,sampling,training,sample,options] [--budget-s S]
@@ -37,9 +38,10 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) MODE=cpu ;;
     --prepare) MODE=prepare ;;
+    --data) DATA=$2; shift ;;
     --out) OUT_DIR=$2; shift ;;
     --only|--budget-s) ARGS+=("$1" "$2"); shift ;;
-    *) echo "error: unknown option $1 (use --cpu, --prepare, --out DIR, --only STAGES, --budget-s S)" >&2
+    *) echo "error: unknown option $1 (use --cpu, --prepare --data ZIP, --out DIR, --only STAGES, --budget-s S)" >&2
        exit 2 ;;
   esac
   shift
@@ -50,6 +52,10 @@ rich shellingham markdown-it-py mdurl pygments safetensors"
 ZIP=cifar10-jpeg-train.zip
 
 if [ "$MODE" = prepare ]; then
+  if [ ! -f "${DATA:-}" ]; then
+    echo "error: --prepare needs --data ZIP: the CIFAR-10 training images as an EDM-layout zip" >&2
+    exit 2
+  fi
   mkdir -p "$CARRY/whl" "$CARRY/data"
   rm -f "$CARRY"/whl/*.whl
   pins=$(python3 - $WHEELS <<'PY'
@@ -63,7 +69,7 @@ PY
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux1_x86_64 -d "$CARRY/whl" $pins
-  cp "$ROOT/../shared/data/$ZIP" "$CARRY/data/$ZIP"
+  cp "$DATA" "$CARRY/data/$ZIP"
   ls "$CARRY/whl"
   du -sh "$CARRY"
   exit 0

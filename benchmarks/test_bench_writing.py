@@ -21,20 +21,18 @@ from PIL import Image
 from traflow_cli.jobs.writers import PNGWriter, encode_png, read_pngs, save_npz
 
 COUNT = 1000
-CIFAR_TEST_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-test.zip"
+# 300 CIFAR-10 test images (tests/fixtures/README.md), repeated to COUNT.
+CIFAR_SAMPLE_ZIP = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "cifar10-jpeg-test-300.zip"
 
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
-    """[COUNT, 32, 32, 3] uint8: CIFAR-10 test images when available (PNG size depends on
-    content), else smooth random pictures."""
-    if CIFAR_TEST_ZIP.is_file():
-        with zipfile.ZipFile(CIFAR_TEST_ZIP) as zf:
-            names = sorted(n for n in zf.namelist() if n.endswith(".jpg"))[:COUNT]
-            return np.stack([np.asarray(Image.open(zf.open(n)).convert("RGB")) for n in names])
-    rng = np.random.default_rng(0)
-    coarse = rng.integers(0, 256, (COUNT, 8, 8, 3), dtype=np.uint8)
-    return coarse.repeat(4, axis=1).repeat(4, axis=2)
+    """[COUNT, 32, 32, 3] uint8: real CIFAR-10 test images (PNG size depends on content), the
+    repository's 300 repeated in order."""
+    with zipfile.ZipFile(CIFAR_SAMPLE_ZIP) as zf:
+        names = sorted(n for n in zf.namelist() if n.endswith(".jpg"))
+        sample = np.stack([np.asarray(Image.open(zf.open(n)).convert("RGB")) for n in names])
+    return sample[np.arange(COUNT) % len(sample)]
 
 
 def _record(benchmark, **extra: object) -> None:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the CLI runner, the shared data folder, and a tiny trained toy teacher."""
+"""Shared fixtures: the CLI runner, the paths of every file the suite reads (all under
+tests/fixtures/, see its README.md), and a tiny trained toy teacher."""
 
 from __future__ import annotations
 
@@ -9,18 +10,22 @@ from typer.testing import CliRunner
 
 from traflow_cli.cli.app import app
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SHARED_FIXTURES = SHARED / "fixtures"
-LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# Every file the suite reads lives in the repository, here (a clone tests itself).
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # (checkpoint, io file, image size): networks of the official Rectified Flow code with their
 # outputs (see fixtures/README.md); both conformance suites read them.
 OFFICIAL_FIXTURES = {
-    "shared-nf16": (SHARED_FIXTURES / "rf_ncsnpp_small.pth",
-                    SHARED_FIXTURES / "rf_ncsnpp_small_io.pt", 32),
-    "official-nf12": (LOCAL_FIXTURES / "rf_ncsnpp_nf12.pth",
-                      LOCAL_FIXTURES / "rf_ncsnpp_nf12_io.pt", 16),
+    "official-nf16": (FIXTURES / "rf_ncsnpp_small.pth", FIXTURES / "rf_ncsnpp_small_io.pt", 32),
+    "official-nf12": (FIXTURES / "rf_ncsnpp_nf12.pth", FIXTURES / "rf_ncsnpp_nf12_io.pt", 16),
 }
+# Parameter names and shapes of the official CIFAR-10 DDPM++ (62M parameters, no weights).
+RF_CIFAR10_KEYS = FIXTURES / "rf_cifar10_ddpmpp_keys.json"
+# NVlabs/edm network snapshots with their outputs (fixtures/edm/README.md, fixtures/README.md).
+EDM_FIXTURES = FIXTURES / "edm"
+# 300 CIFAR-10 test images (30 per class) as an EDM dataset-tool zip: CLASS/NNNN.jpg entries and
+# dataset.json. Made by fixtures/make_cifar10_sample.py from the full 10,000-image JPEG test zip.
+CIFAR10_SAMPLE_ZIP = FIXTURES / "cifar10-jpeg-test-300.zip"
 
 # Small enough to train in seconds on 2 cores, large enough to learn the ring's eight modes.
 TINY_TOY = ["--set", "net.hidden=64", "--set", "teacher.batch_size=256",

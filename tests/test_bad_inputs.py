@@ -36,7 +36,7 @@ def _write_bad_files(folder: Path) -> None:
     (folder / "binary.toml").write_bytes(b"\xff\xfe\x00preset = 1\n\x80\x81")
     (folder / "broken.toml").write_text("[teacher\nlr = 1e-3\n")
     (folder / "garbage.npz").write_bytes(b"PK\x03\x04 this is not an archive" * 10)
-    (folder / "truncated.pth").write_bytes(OFFICIAL_FIXTURES["shared-nf16"][0].read_bytes()[:5000])
+    (folder / "truncated.pth").write_bytes(OFFICIAL_FIXTURES["official-nf16"][0].read_bytes()[:5000])
     (folder / "random.pth").write_bytes(bytes(range(256)) * 40)
     (folder / "not-a-run").mkdir(exist_ok=True)
     (folder / "not-a-run" / "notes.txt").write_text("my own files")
@@ -203,10 +203,10 @@ CASES: list[tuple[str, Args, str]] = [
     ("import-family", lambda c: ["teacher", "import", "stylegan", c.files / "random.pth",
                                  "--out", c.new], "source"),
     ("import-net-override", lambda c: ["teacher", "import", "rectified-flow",
-                                       OFFICIAL_FIXTURES["shared-nf16"][0], "--out", c.new,
+                                       OFFICIAL_FIXTURES["official-nf16"][0], "--out", c.new,
                                        "--set", "net.nf=3"], "net.nf"),
     ("import-over-trained", lambda c: ["teacher", "import", "rectified-flow",
-                                       OFFICIAL_FIXTURES["shared-nf16"][0], "--out", c.teacher],
+                                       OFFICIAL_FIXTURES["official-nf16"][0], "--out", c.teacher],
      "--out"),
 ]
 

@@ -1,4 +1,4 @@
-"""`traflow bench`: the JSON report's schema, its internal consistency, and issue 5's CPU bar
+"""`traflow bench`: the JSON report's schema, its internal consistency, and the CPU speed bar
 (the student's 1-NFE sampling at least 10x the images/s of the teacher's 100-step Euler)."""
 
 from __future__ import annotations

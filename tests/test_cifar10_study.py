@@ -3,20 +3,23 @@ resumable (the full study is docs/RESULTS.md; it is not part of CI)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED
+from conftest import CIFAR10_SAMPLE_ZIP
 
-ZIP = SHARED / "data" / "cifar10-jpeg-test.zip"  # the same layout as the training zip, 10k images
+ZIP = CIFAR10_SAMPLE_ZIP  # 300 test images, in the same layout as the 50k training zip
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar10_cpu_study.sh"
+STUDY = SCRIPT.with_suffix(".py")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not ZIP.is_file(), reason="no shared CIFAR-10 zip")
 def test_quick_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     study = tmp_path / "study"
     # Two workers: rows measured side by side, each on half the threads (how the study runs here).
@@ -40,3 +43,33 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((study / "timings.json").read_text()) == timings
     assert "traflow" not in again.stderr  # no stage command was started
+
+
+def test_study_needs_data_and_names_how_to_give_it(tmp_path: Path) -> None:
+    """No --data and no torchvision copy: one line saying what to pass (nothing outside the repo
+    is looked for), before any stage runs."""
+    env = {**os.environ, "TRAFLOW_DATA": str(tmp_path / "empty")}
+    command = [sys.executable, str(STUDY), "--study-dir", str(tmp_path / "study")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"--data: no CIFAR-10 given and no torchvision copy at "
+        f"{tmp_path / 'empty' / 'cifar10' / 'cifar-10-batches-py'}; pass --data with an EDM-layout "
+        "zip or torchvision's cifar-10-batches-py"]
+    assert not (tmp_path / "study").exists()
+    done = subprocess.run([*command, "--data", str(tmp_path / "none.zip")], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 1 and done.stderr.startswith(f"--data: nothing at {tmp_path}")
+
+
+def test_study_defaults_to_torchvisions_copy(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("cifar10_cpu_study", STUDY)
+    study = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, study)  # its dataclasses look themselves up there
+    spec.loader.exec_module(study)
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    monkeypatch.setenv("TRAFLOW_DATA", str(tmp_path))
+    assert study.resolve_data(None) == folder.resolve()
+    assert study.resolve_data(ZIP) == ZIP.resolve()

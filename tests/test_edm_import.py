@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LOCAL_FIXTURES, SHARED_FIXTURES, invoke
+from conftest import EDM_FIXTURES, invoke
+from conftest import FIXTURES as FIXTURE_DIR
 from safetensors.torch import load_file
 
 from traflow_cli import load_student, load_teacher
@@ -21,16 +22,16 @@ from traflow_cli.interop import CheckpointFormatError, UnsafePickleError, read_e
 from traflow_cli.jobs.writers import to_uint8
 from traflow_cli.sampling import noise_for_indices, teacher_grid
 
-EDM = SHARED_FIXTURES / "edm"
-# name: (snapshot, io file). Shared: made by the integrator with EDM's code; local: made with
-# EDM's networks.py for settings the shared ones do not use (tests/fixtures/README.md).
+EDM = EDM_FIXTURES
+# name: (snapshot, io file), all made with EDM's own code (tests/fixtures/README.md): the
+# EDMPrecond ones in fixtures/edm/, and two for preconditionings and settings those do not use.
 FIXTURES = {
     "ddpmpp": (EDM / "edm_ddpmpp_small.pkl", EDM / "edm_ddpmpp_small_io.pt"),
     "adm-cond": (EDM / "edm_adm_cond_small.pkl", EDM / "edm_adm_cond_small_io.pt"),
-    "ncsnpp-ve-cond": (LOCAL_FIXTURES / "edm_ncsnpp_ve_cond.pkl",
-                       LOCAL_FIXTURES / "edm_ncsnpp_ve_cond_io.pt"),
-    "ddpmpp-vp-skip": (LOCAL_FIXTURES / "edm_ddpmpp_vp_skip.pkl",
-                       LOCAL_FIXTURES / "edm_ddpmpp_vp_skip_io.pt"),
+    "ncsnpp-ve-cond": (FIXTURE_DIR / "edm_ncsnpp_ve_cond.pkl",
+                       FIXTURE_DIR / "edm_ncsnpp_ve_cond_io.pt"),
+    "ddpmpp-vp-skip": (FIXTURE_DIR / "edm_ddpmpp_vp_skip.pkl",
+                       FIXTURE_DIR / "edm_ddpmpp_vp_skip_io.pt"),
 }
 
 
@@ -131,7 +132,7 @@ def test_reimport_replaces_an_earlier_import(imported: dict[str, Path], tmp_path
 @pytest.mark.parametrize("precond", ["VEPrecond", "VPPrecond"])
 def test_other_preconditionings_give_the_velocity_of_their_formulas(precond: str,
                                                                     tmp_path: Path) -> None:
-    """The shared DDPM++ weights re-wrapped in VEPrecond / VPPrecond (their defaults)."""
+    """The fixtures/edm DDPM++ weights re-wrapped in VEPrecond / VPPrecond (their defaults)."""
     snapshot = tmp_path / f"{precond}.pkl"
     snapshot.write_bytes(rewrite(FIXTURES["ddpmpp"][0].read_bytes(), {"EDMPrecond": precond}))
     result = import_edm(snapshot, tmp_path / "teacher")

@@ -15,6 +15,7 @@ import PIL.Image
 import pytest
 import scipy
 import torch
+from conftest import CIFAR10_SAMPLE_ZIP
 from torch import nn
 
 from traflow_cli.metrics import fid as fid_mod
@@ -45,7 +46,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning"),
 ]
 
-SHARED_TEST_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-test.zip"
 SCIPY_HAS_SQRTM_DISP = tuple(int(p) for p in scipy.__version__.split(".")[:2]) < (1, 18)
 
 requires_helper_weights = pytest.mark.skipif(
@@ -74,26 +74,17 @@ def _write_images(folder: Path, images: np.ndarray) -> list[Path]:
 
 
 def _real_images(n: int, offset: int = 0) -> np.ndarray:
-    """n CIFAR-10 test images (32x32 RGB uint8) from shared data, else procedural ones."""
-    if SHARED_TEST_ZIP.is_file():
-        with zipfile.ZipFile(SHARED_TEST_ZIP) as zf:
-            names = sorted(x for x in zf.namelist() if x.endswith(".jpg"))
-            # Stride through the sorted list so the images span several classes.
-            picked = names[offset :: max(1, len(names) // (4 * n))][:n]
-            out = []
-            for name in picked:
-                with zf.open(name) as fh:
-                    out.append(np.asarray(PIL.Image.open(fh).convert("RGB")))
-            return np.stack(out)
-    rng = np.random.default_rng(offset)
-    yy, xx = np.mgrid[0:32, 0:32] / 31.0
-    out = []
-    for _ in range(n):
-        f = rng.uniform(1, 6, size=3)
-        ph = rng.uniform(0, 2 * np.pi, size=3)
-        chans = [np.sin(f[c] * (xx + rng.uniform() * yy) * np.pi + ph[c]) for c in range(3)]
-        out.append(((np.stack(chans, -1) * 0.5 + 0.5) * 255).astype(np.uint8))
-    return np.stack(out)
+    """n CIFAR-10 test images (32x32 RGB uint8) from the repository's 300-image sample."""
+    with zipfile.ZipFile(CIFAR10_SAMPLE_ZIP) as zf:
+        names = sorted(x for x in zf.namelist() if x.endswith(".jpg"))
+        # Stride through the sorted list so the images span several classes.
+        picked = names[offset :: max(1, len(names) // (4 * n))][:n]
+        assert len(picked) == n, f"the sample holds too few images for {n} at offset {offset}"
+        out = []
+        for name in picked:
+            with zf.open(name) as fh:
+                out.append(np.asarray(PIL.Image.open(fh).convert("RGB")))
+        return np.stack(out)
 
 
 class TinyFeatures(nn.Module):

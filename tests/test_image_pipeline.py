@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke
+from conftest import OFFICIAL_FIXTURES, invoke
 
-from traflow_cli import load_student, load_teacher
-from traflow_cli.api import Student
+from traflow_cli import Student, load_student, load_teacher
 from traflow_cli.nets import student_from_teacher
 from traflow_cli.sampling import sample_teacher
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+OFFICIAL_32 = OFFICIAL_FIXTURES["official-nf16"][0]  # an official-format 32x32 checkpoint
 
 # The shapes32 preset, shrunk to about a minute of CPU: a 10x shorter teacher, half the
 # trajectory cache, 40% of the distillation steps, 16 noise draws for the agreement.
@@ -66,7 +65,7 @@ def test_shapes32_student_beats_the_teachers_one_step_euler(tmp_path: Path) -> N
 def test_student_at_step_zero_jumps_as_the_teachers_euler_step(tmp_path: Path) -> None:
     # A teacher with non-trivial weights: the official-format fixture, imported by the CLI.
     run = tmp_path / "teacher"
-    result = invoke("teacher", "import", "rectified-flow", SHARED_FIXTURES / "rf_ncsnpp_small.pth",
+    result = invoke("teacher", "import", "rectified-flow", OFFICIAL_32,
                     "--out", run)
     assert result.exit_code == 0, result.output
     teacher = load_teacher(run)
@@ -89,7 +88,7 @@ def test_student_at_step_zero_jumps_as_the_teachers_euler_step(tmp_path: Path) -
 
 def test_load_student_reads_a_distilled_image_run(tmp_path: Path) -> None:
     teacher, student = tmp_path / "teacher", tmp_path / "student"
-    assert invoke("teacher", "import", "rectified-flow", SHARED_FIXTURES / "rf_ncsnpp_small.pth",
+    assert invoke("teacher", "import", "rectified-flow", OFFICIAL_32,
                   "--out", teacher, "--preset", "shapes32").exit_code == 0
     result = invoke("distill", "--preset", "shapes32", "--teacher", teacher, "--out", student,
                     "--steps", "1", "--device", "cpu", "--set", "distill.batch_size=2",

@@ -1,7 +1,8 @@
-"""Image datasets: shapes32, EDM-layout zips and folders, errors, and the real CIFAR-10 zip."""
+"""Image datasets: shapes32, EDM-layout zips and folders, errors, and a real CIFAR-10 zip."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 import zipfile
@@ -11,6 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import CIFAR10_SAMPLE_ZIP
 from torch.utils.data import DataLoader
 
 from traflow_cli.data.images import (
@@ -22,7 +24,6 @@ from traflow_cli.data.images import (
 )
 from traflow_cli.data.shapes import ShapesDataset, draw_shapes
 
-SHARED_TEST_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-test.zip"
 CLASSES = ("cat", "dog")
 
 
@@ -241,20 +242,46 @@ def test_cifar10_through_torchvision(tmp_path: Path, monkeypatch) -> None:
         open_image_dataset("cifar10", path=tmp_path, resolution=64)
 
 
-# ---- the real CIFAR-10 JPEG test zip ----------------------------------------------------------
+# ---- a real CIFAR-10 JPEG zip (the repository's 300-image sample of the test split) -------------
 
 
-@pytest.mark.skipif(not SHARED_TEST_ZIP.parent.parent.is_dir(), reason="no shared data folder")
 def test_real_cifar10_test_zip() -> None:
-    ds = open_image_dataset("cifar10", path=SHARED_TEST_ZIP, resolution=32, use_labels=True)
-    assert len(ds) == 10_000 and ds.num_classes == 10 and ds.channels == 3
-    with zipfile.ZipFile(SHARED_TEST_ZIP) as zf:
+    ds = open_image_dataset("cifar10", path=CIFAR10_SAMPLE_ZIP, resolution=32, use_labels=True)
+    assert len(ds) == 300 and ds.num_classes == 10 and ds.channels == 3
+    with zipfile.ZipFile(CIFAR10_SAMPLE_ZIP) as zf:
         classes = json.loads(zf.read("dataset.json"))["classes"]
     assert classes == sorted(classes) and len(classes) == 10
     files = ds.files
-    for i in [0, 999, 1000, 4321, 9999]:
+    for i in [0, 29, 30, 123, 299]:
         image, label = ds[i]
         assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
         assert classes[label] == files[i].split("/")[0]  # label matches the folder name
-    _, labels = ds.get_batch(range(0, 10_000, 10))
-    assert labels.bincount().tolist() == [100] * 10
+    images, labels = ds.get_batch(range(300))
+    assert labels.bincount().tolist() == [30] * 10
+    assert images.float().std() > 30  # real pictures, not a blank or constant image
+    # The cifar10-cpu preset's resolution: the same zip downscaled to 16x16.
+    small = open_image_dataset("cifar10", path=CIFAR10_SAMPLE_ZIP, resolution=16)
+    assert len(small) == 300 and small[7][0].shape == (3, 16, 16) and small[7][1] == -1
+
+
+def test_the_sample_script_keeps_the_first_images_of_each_class(tmp_path: Path) -> None:
+    """tests/fixtures/make_cifar10_sample.py on a small zip of the same layout: the first
+    `per_class` of each class, bytes unchanged, and the same output twice."""
+    spec = importlib.util.spec_from_file_location(
+        "make_cifar10_sample", CIFAR10_SAMPLE_ZIP.parent / "make_cifar10_sample.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    labels = [[f"{c}/{i:04d}.jpg", k] for k, c in enumerate(CLASSES) for i in range(4)]
+    with zipfile.ZipFile(tmp_path / "full.zip", "w") as zf:
+        for path, _ in labels:
+            zf.writestr(path, f"jpeg bytes of {path}")
+        zf.writestr("dataset.json", json.dumps({"labels": labels, "classes": list(CLASSES)}))
+    assert script.make_sample(tmp_path / "full.zip", tmp_path / "a.zip", per_class=2) == 4
+    with zipfile.ZipFile(tmp_path / "a.zip") as zf:
+        assert zf.namelist() == ["cat/0000.jpg", "cat/0001.jpg", "dog/0000.jpg", "dog/0001.jpg",
+                                 "dataset.json"]
+        assert zf.read("dog/0001.jpg") == b"jpeg bytes of dog/0001.jpg"
+        assert json.loads(zf.read("dataset.json")) == {
+            "labels": [[p, k] for p, k in labels if int(p[-8:-4]) < 2], "classes": list(CLASSES)}
+    script.make_sample(tmp_path / "full.zip", tmp_path / "b.zip", per_class=2)
+    assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()

@@ -31,8 +31,8 @@ def import_run(ckpt: Path, out: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared 32x32 fixture imported with the cifar10 preset (the command's default)."""
-    ckpt, _, _ = OFFICIAL["shared-nf16"]
+    """The official 32x32 fixture imported with the cifar10 preset (the command's default)."""
+    ckpt, _, _ = OFFICIAL["official-nf16"]
     out = tmp_path_factory.mktemp("import") / "teacher"
     result = import_run(ckpt, out)
     assert result.exit_code == 0, result.output
@@ -108,7 +108,7 @@ def test_reimport_replaces_an_import_but_never_another_run(imported: Path,
 
 def _bad_files(folder: Path) -> dict[str, Path]:
     """Files that are not official Rectified Flow checkpoints, each a different way."""
-    good, io_path, _ = OFFICIAL["shared-nf16"]
+    good, io_path, _ = OFFICIAL["official-nf16"]
     text = folder / "notes.pth"
     text.write_text("not a checkpoint\n")
     truncated = folder / "truncated.pth"
@@ -145,7 +145,7 @@ def test_wrong_files_exit_2_with_one_error_line(tmp_path: Path) -> None:
     ["teacher", "import", "rectified-flow", "{ckpt}", "--set", "net.nf=oops"],
 ])
 def test_usage_errors_exit_2_with_one_error_line(args: list[str], tmp_path: Path) -> None:
-    ckpt = OFFICIAL["shared-nf16"][0]
+    ckpt = OFFICIAL["official-nf16"][0]
     result = invoke(*[a.format(ckpt=ckpt) for a in args], "--out", tmp_path / "out")
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2, result.output

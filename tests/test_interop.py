@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import OFFICIAL_FIXTURES, SHARED_FIXTURES
+from conftest import OFFICIAL_FIXTURES, RF_CIFAR10_KEYS
 
 from traflow_cli.interop import (
     CheckpointFormatError,
@@ -61,7 +61,7 @@ def test_ema_and_raw_weights_are_told_apart():
 
 
 def test_config_inferred_from_official_cifar10_keys():
-    spec = json.loads((SHARED_FIXTURES / "rf_cifar10_ddpmpp_keys.json").read_text())
+    spec = json.loads(RF_CIFAR10_KEYS.read_text())
     with torch.device("meta"):
         state_dict = {k: torch.empty(shape) for k, shape in spec["keys"]}
     config = ncsnpp_config_from_state_dict(state_dict)

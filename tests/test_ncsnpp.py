@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import RF_CIFAR10_KEYS
 from torch import nn
 
 from traflow_cli.nets.ncsnpp import NCSNpp, timestep_embedding
 
-# Shared data lives beside the repository checkout: <root>/main/tests -> <root>/shared.
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
 SMALL = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16)
 TINY = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8)
-
-
-def shared_file(name: str) -> Path:
-    """A file of the shared data folder; a clear failure if the folder is not beside main/."""
-    path = SHARED / name
-    assert path.is_file(), f"shared data missing: expected {path} (shared/ beside main/)"
-    return path
 
 
 def randomise_(net: nn.Module, seed: int = 0) -> nn.Module:
@@ -47,7 +37,7 @@ def inputs(batch: int = 3, size: int = 16, seed: int = 1) -> tuple[torch.Tensor,
 
 
 def test_cifar10_config_matches_official_keys_shapes_and_count():
-    spec = json.loads(shared_file("fixtures/rf_cifar10_ddpmpp_keys.json").read_text())
+    spec = json.loads(RF_CIFAR10_KEYS.read_text())
     with torch.device("meta"):  # same names, shapes and count; no 62M-parameter init
         net = NCSNpp(
             nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),

@@ -1,7 +1,8 @@
 """The default pipeline end to end: teacher, distill, sample, eval on the toy ring.
 
-A shortened run of the embedded preset (same networks, fewer steps); its student must
-already beat the issue's bar against the teacher it was distilled from.
+A shortened run of the embedded preset (same networks, fewer steps); its student must already
+beat the teacher it was distilled from at equal cost: in sliced Wasserstein distance to the ring,
+1 NFE at least 4x better than the teacher's 1-step Euler, 2 NFE within 1.5x of its 100 steps.
 """
 
 from __future__ import annotations
