@@ -12,14 +12,13 @@ from typing import Any
 import tomllib
 
 from traflow_cli.errors import one_line
-from traflow_cli.runfolder import read_record, require_run
+from traflow_cli.runfolder import require_run
 from traflow_cli.specs import (
-    TOY_DATASETS,
-    DataSpec,
     RunSpec,
     SpecError,
     build_spec,
     check_teacher_run,
+    is_toy_data,
 )
 
 DEFAULT_PRESET = "toy2d"
@@ -37,6 +36,10 @@ def available_presets() -> list[str]:
 
 def preset_path(name: str) -> Path:
     """A preset name (toy2d) or a path to a TOML file."""
+    if Path(name).is_dir():
+        raise SpecError(f"--preset: {name!r} is a folder, not a preset; give a preset name "
+                        f"({', '.join(available_presets())}) or a .toml file (a command that "
+                        "takes a run folder starts from that folder's own spec)")
     if name.endswith(".toml") or "/" in name:
         path = Path(name)
         if not path.is_file():
@@ -50,10 +53,8 @@ def preset_path(name: str) -> Path:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """A named preset, a TOML file, or the resolved spec of an existing run folder."""
-    record = read_record(Path(name)) if Path(name).is_dir() else None
-    if record is not None:
-        return copy.deepcopy(record["spec"])
+    """A named preset or a TOML file, as a spec dict not yet validated (a run folder's spec is
+    read by load_run_spec)."""
     path = preset_path(name)
     try:
         raw = tomllib.loads(path.read_bytes().decode("utf-8"))
@@ -61,6 +62,9 @@ def load_preset(name: str) -> dict[str, Any]:
         raise SpecError(f"--preset: {path} is not a text file (TOML must be UTF-8)") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"--preset: {path} is not valid TOML: {one_line(exc)}") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise SpecError(f"--preset: {path} nests arrays or tables too deeply to be a preset; "
+                        "fix the file") from None
     except OSError as exc:
         raise SpecError(f"--preset: cannot read {path} ({one_line(exc.strerror or exc)})") from None
     raw.setdefault("preset", name if not name.endswith(".toml") else path.stem)
@@ -77,7 +81,7 @@ def parse_value(text: str) -> Any:
     """A TOML value (1, 0.5, true, [1, 2], "x"); anything else is taken as a plain string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # a string, or nested past any field
         return text
 
 
@@ -151,8 +155,7 @@ def resolve_with_teacher(preset: str | None, overrides: list[str] | None = None,
         raise SpecError(f"{dotted}: {value!r} differs from the teacher's network ({key} = "
                         f"{net[key]!r} in {teacher}); the student takes its teacher's network: "
                         "drop this --set")
-    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-    toy_data = data.get("name", DataSpec().name) in TOY_DATASETS
+    toy_data = is_toy_data(raw.get("data"))
     if toy_data != (net.get("kind") == "mlp"):
         kinds = ("toy 2-D", "an image") if toy_data else ("image", "a toy 2-D")
         raise SpecError(f"--preset: {raw.get('preset', preset)!r} is for {kinds[0]} data but the "

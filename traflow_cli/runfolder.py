@@ -7,15 +7,16 @@ corrupt record is one line naming the file rather than a traceback.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from traflow_cli.errors import UserError, one_line
+from traflow_cli.untrusted import read_json_file
 
 RECORD = "spec.json"
 LOCK = ".lock"
+MAX_RECORD_BYTES = 16 << 20  # a spec.json is a few KB
 
 
 class RunFolderError(UserError):
@@ -28,7 +29,9 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_bytes().decode("utf-8"))
+        # Bounded in size and depth: a record of a few KB never needs more, and a nested or huge
+        # one would otherwise end in a RecursionError or exhaust memory.
+        record = read_json_file(path, max_bytes=MAX_RECORD_BYTES)
     except (UnicodeDecodeError, ValueError) as err:
         raise RunFolderError(f"{path}: not a readable run record ({one_line(err)}); restore it, or "
                              "delete the folder and start the run again") from None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 import warnings
 
 import typer
@@ -36,6 +39,23 @@ app.command("bench")(bench.bench_command)
 def main() -> None:
     # A script's background job (`traflow ... &`) starts with SIGINT ignored, and Python then
     # keeps it ignored: restore Ctrl-C's KeyboardInterrupt so that every subcommand stops with
-    # its one line and exit code 130 there too (the training jobs and sample also catch SIGTERM).
+    # its one line and exit code 130 there too (training, sample and eval fid also catch SIGTERM).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    app()
+    code: int = 1
+    try:
+        app()
+    except SystemExit as exc:  # how click ends every command, with its exit code
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        raise
+    finally:
+        # The command is over and its files are written: a Ctrl-C while the interpreter shuts
+        # down (its atexit hooks) would print a traceback and keep the exit code; end at once
+        # with the command's own code instead.
+        signal.signal(signal.SIGINT, lambda *_: _exit_now(code))
+
+
+def _exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

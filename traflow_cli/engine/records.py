@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -12,20 +13,32 @@ from typing import Any
 
 import torch
 
-from traflow_cli.runfolder import read_record
+from traflow_cli.errors import write_fully, writing
 from traflow_cli.version import __version__
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write under a temporary name, fsync, then rename: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write under a temporary name, fsync, then rename: readers see the old or the new file.
+
+    A full disk or a read-only folder is a one-line WriteError naming `path`; the old file (a
+    previous checkpoint, spec.json) stays as it was and no temporary is left behind.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                write_fully(fd, payload)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -63,11 +76,6 @@ def write_spec_record(run_dir: Path, *, job: str, spec: dict[str, Any], fingerpr
     })
 
 
-def read_spec_record(run_dir: Path) -> dict[str, Any] | None:
-    """spec.json of a run folder (None if absent); a corrupt one is a one-line UserError."""
-    return read_record(run_dir)
-
-
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Keep only the metrics rows of steps up to `step` (a resume from there writes the rest
     again), dropping any half-written last line."""
@@ -87,7 +95,8 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
     """One JSON object per log tick; a line is flushed whole so readers never see half of one."""
-    with open(run_dir / "metrics.jsonl", "a") as handle:
+    path = run_dir / "metrics.jsonl"
+    with writing(path), open(path, "a") as handle:
         handle.write(json.dumps(row, sort_keys=True) + "\n")
         handle.flush()
 

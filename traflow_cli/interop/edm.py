@@ -6,6 +6,10 @@ A training snapshot (``network-snapshot-*.pkl``, and the official ``edm-*.pkl`` 
 VEPrecond) and U-Net (SongUNet, DhariwalUNet) are rebuilt from their class names and init
 keyword arguments as our own ``nets.edm.EDMNet``, whose state-dict names are EDM's, and every
 tensor is checked by name and shape against it. Every failure is one line.
+
+The file is untrusted: its settings are bounded (``nets.limits``) before anything is built, the
+network they describe may hold no more values than the file's bytes can, and the weights must
+be finite.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import torch
 from torch import Tensor
 
 from traflow_cli.interop.edm_pickle import ModuleState, PersistentObject, load_network_pickle
-from traflow_cli.interop.rectified_flow import CheckpointFormatError
+from traflow_cli.interop.rectified_flow import CheckpointFormatError, check_finite
 from traflow_cli.nets.edm import EDMNet
+from traflow_cli.nets.limits import check_net_limits
 
 __all__ = ["EDMSnapshot", "check_edm_weights", "edm_state_dict", "read_edm_snapshot"]
 
@@ -60,10 +65,21 @@ def _fail(path: Path, message: str) -> CheckpointFormatError:
     return CheckpointFormatError(f"{path}: {message}")
 
 
-def _plain(value: Any) -> Any:
-    """JSON-friendly copy of an init argument (tuples become lists)."""
+_MAX_SETTING_VALUES = 256  # values in one init argument (channel_mult, resample_filter, ...)
+_MAX_MODULE_DEPTH = 32     # nesting of modules in a network (EDM's are 4 deep)
+
+
+def _plain(value: Any, budget: list[int] | None = None) -> Any:
+    """JSON-friendly copy of an init argument (tuples become lists) of at most 256 values in
+    all: a pickle's shared references (a list that holds itself, lists of the same list) cannot
+    make the copy expand."""
+    budget = [_MAX_SETTING_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"an init argument holds more than {_MAX_SETTING_VALUES} values, more "
+                         "than any network setting")
     if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
+        return [_plain(v, budget) for v in value]
     return value
 
 
@@ -71,6 +87,9 @@ def _kwargs(record: PersistentObject, positional: tuple[str, ...], path: Path,
             where: str) -> dict[str, Any]:
     """The record's init arguments as keywords (positional ones named by EDM's signature)."""
     args, kwargs = record.init_args, record.init_kwargs
+    if not all(isinstance(name, str) for name in kwargs):
+        raise _fail(path, f"{where} ({record.class_name}) has init keyword arguments that are not "
+                          "names")
     if len(args) > len(positional):
         raise _fail(path, f"{where} ({record.class_name}) was built with {len(args)} positional "
                           f"arguments; EDM's signature names only {len(positional)}")
@@ -86,8 +105,12 @@ def _precond_section(record: PersistentObject, path: Path) -> tuple[dict[str, An
     section: dict[str, Any] = {"kind": kind}
     for name in own:
         if name in kwargs:
-            section[name] = kwargs.pop(name)
-    if kind == "edm" and section.get("sigma_max") is not None and math.isinf(section["sigma_max"]):
+            try:
+                section[name] = _plain(kwargs.pop(name))
+            except ValueError as err:
+                raise _fail(path, f"{record.class_name} setting {name!r}: {err}") from None
+    sigma_max = section.get("sigma_max")
+    if kind == "edm" and isinstance(sigma_max, float) and math.isinf(sigma_max) and sigma_max > 0:
         section["sigma_max"] = None  # EDM's default: no upper limit
     return section, kwargs
 
@@ -101,7 +124,13 @@ def _unet_section(record: PersistentObject, path: Path) -> tuple[dict[str, Any],
     if unknown:
         raise _fail(path, f"{record.class_name} setting {unknown[0]!r} is not one traflow knows "
                           f"(known: {', '.join(allowed)})")
-    return {"type": record.class_name, **{k: _plain(v) for k, v in kwargs.items()}}, interface
+    settings: dict[str, Any] = {"type": record.class_name}
+    for name, value in kwargs.items():
+        try:
+            settings[name] = _plain(value)
+        except ValueError as err:
+            raise _fail(path, f"{record.class_name} setting {name!r}: {err}") from None
+    return settings, interface
 
 
 def _network_config(ema: PersistentObject, path: Path) -> tuple[dict[str, Any], bool]:
@@ -119,6 +148,9 @@ def _network_config(ema: PersistentObject, path: Path) -> tuple[dict[str, Any], 
         raise _fail(path, f"snapshot['ema'] ({ema.class_name}) holds no pickled U-Net under "
                           "'model'")
     model_type = rest.get("model_type", _PRECONDS[ema.class_name][2])
+    if not isinstance(model_type, str):
+        raise _fail(path, f"snapshot['ema'] names a model_type that is a "
+                          f"{type(model_type).__name__}, not a class name")
     if inner.class_name not in _UNET_SETTINGS:
         raise _fail(path, f"unknown network class {inner.class_name!r} in snapshot['ema'].model; "
                           f"traflow imports {', '.join(_UNET_SETTINGS)}")
@@ -126,22 +158,45 @@ def _network_config(ema: PersistentObject, path: Path) -> tuple[dict[str, Any], 
         raise _fail(path, f"snapshot['ema'] names model_type {model_type!r} but holds a "
                           f"{inner.class_name}")
     model, interface = _unet_section(inner, path)
+    for name, value in interface.items():
+        if not (type(value) is int or (name == "label_dim" and value is None)):
+            raise _fail(path, f"snapshot['ema'].model setting {name!r} is a "
+                              f"{type(value).__name__}, not an integer")
     resolution, channels = interface["img_resolution"], interface["in_channels"]
     if interface["out_channels"] != channels:
         raise _fail(path, f"the U-Net maps {channels} channels to {interface['out_channels']}; "
                           "a denoiser keeps its channel count")
     config = {"kind": "edm", "image_size": resolution, "in_channels": channels,
               "num_classes": interface["label_dim"] or 0, "precond": precond, "model": model}
-    return config, bool(rest.get("use_fp16", False))
+    try:
+        check_net_limits(config, where="snapshot['ema']")
+    except ValueError as err:
+        raise _fail(path, f"{err}") from None
+    use_fp16 = rest.get("use_fp16", False)
+    if type(use_fp16) not in (bool, int):
+        raise _fail(path, f"snapshot['ema'] setting 'use_fp16' is a {type(use_fp16).__name__}, "
+                          "not a flag")
+    return config, bool(use_fp16)
 
 
-def edm_state_dict(record: PersistentObject | ModuleState, prefix: str = "") -> dict[str, Tensor]:
+def edm_state_dict(record: PersistentObject | ModuleState, prefix: str = "",
+                   depth: int = 0) -> dict[str, Tensor]:
     """The state dict of a pickled module tree: persistent parameters and buffers, by name."""
+    if depth > _MAX_MODULE_DEPTH:
+        raise ValueError(f"{prefix or 'the network'} nests modules more than "
+                         f"{_MAX_MODULE_DEPTH} deep (or contains itself)")
     state = record.state
-    skipped = state.get("_non_persistent_buffers_set") or set()
+    skipped = state.get("_non_persistent_buffers_set", set())
+    if not isinstance(skipped, set | frozenset | list | tuple):
+        raise ValueError(f"{prefix}_non_persistent_buffers_set is a {type(skipped).__name__}")
     out: dict[str, Tensor] = {}
+    for group in ("_parameters", "_buffers", "_modules"):
+        if not isinstance(state.get(group, {}), Mapping):
+            raise ValueError(f"{prefix}{group} is a {type(state[group]).__name__}, not a dict")
     for group in ("_parameters", "_buffers"):
         for name, value in (state.get(group) or {}).items():
+            if not isinstance(name, str):
+                raise ValueError(f"{prefix}{group} has a key that is a {type(name).__name__}")
             if value is None or (group == "_buffers" and name in skipped):
                 continue
             if not isinstance(value, Tensor):
@@ -150,9 +205,9 @@ def edm_state_dict(record: PersistentObject | ModuleState, prefix: str = "") -> 
     for name, child in (state.get("_modules") or {}).items():
         if child is None:
             continue
-        if not isinstance(child, PersistentObject | ModuleState):
+        if not isinstance(child, PersistentObject | ModuleState) or not isinstance(name, str):
             raise ValueError(f"{prefix}{name} is a {type(child).__name__}, not a module")
-        out.update(edm_state_dict(child, f"{prefix}{name}."))
+        out.update(edm_state_dict(child, f"{prefix}{name}.", depth + 1))
     return out
 
 
@@ -160,12 +215,20 @@ def check_edm_weights(config: dict[str, Any], weights: Mapping[str, Tensor], pat
     """Every name and shape of our EDMNet(config) against the file's tensors (built on meta);
     raises CheckpointFormatError naming the first difference."""
     try:
+        check_net_limits(config, where="snapshot['ema']")
         with torch.device("meta"):
             net = EDMNet(**{k: v for k, v in config.items() if k != "kind"})
-    except (ValueError, TypeError, RuntimeError, ZeroDivisionError, IndexError) as err:
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError, IndexError, OverflowError,
+            KeyError, AttributeError) as err:
         raise _fail(path, f"its network settings build no network ({type(err).__name__}: "
-                          f"{err})") from None
+                          f"{str(err)[:200]})") from None
     expected = {name: value.shape for name, value in net.state_dict().items()}
+    # Every value of the network is in the file (EDM stores float32; 2 bytes is the least any
+    # float takes), so a network larger than that is a description the file cannot back.
+    values, size = sum(shape.numel() for shape in expected.values()), path.stat().st_size
+    if 2 * values > size:
+        raise _fail(path, f"its settings describe a network of {values} values, more than its "
+                          f"{size} bytes can hold")
     missing = [name for name in expected if name not in weights]
     if missing:
         raise _fail(path, f"snapshot['ema'] lacks {missing[0]!r}, which its settings need "
@@ -199,12 +262,19 @@ def read_edm_snapshot(path: str | Path) -> EDMSnapshot:
     if not isinstance(ema, PersistentObject):
         raise _fail(path, f"expected snapshot['ema'] to be a pickled EDM network, found a "
                           f"{type(ema).__name__}")
-    config, use_fp16 = _network_config(ema, path)
+    try:
+        config, use_fp16 = _network_config(ema, path)
+    except CheckpointFormatError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError, RecursionError) as err:
+        raise _fail(path, f"snapshot['ema'] has malformed settings ({type(err).__name__}: "
+                          f"{str(err)[:200]})") from None
     try:
         weights = edm_state_dict(ema)
-    except ValueError as err:
-        raise _fail(path, f"snapshot['ema'] is malformed: {err}") from None
+    except (ValueError, TypeError, RecursionError) as err:
+        raise _fail(path, f"snapshot['ema'] is malformed: {str(err)[:200]}") from None
     check_edm_weights(config, weights, path)
+    check_finite(weights, path, "snapshot['ema']")
     return EDMSnapshot(config=config, weights={k: v.float().contiguous() for k, v in weights.items()},
                        precond_class=ema.class_name, model_class=config["model"]["type"],
                        use_fp16=use_fp16)

@@ -9,35 +9,42 @@ global with one line naming it:
 
 - ``torch_utils.persistence._reconstruct_persistent_obj`` -> ``PersistentObject`` (class name
   and state; the source is never kept, let alone run);
-- ``torch.storage._load_from_bytes`` -> the inner ``torch.save`` bytes loaded by torch's
-  weights-only loader; ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter[_with_state]``
-  -> a tensor view of that storage, bounds checked (hooks and metadata must be empty);
+- ``torch.storage._load_from_bytes`` -> the inner legacy ``torch.save`` blob read by
+  ``tensor_pickle`` (the storage is exactly its bytes); ``torch._utils._rebuild_tensor_v2`` /
+  ``_rebuild_parameter[_with_state]`` -> a view of that storage, bounds checked (no stride-0
+  or overlapping views, all views within a budget set by the file's size; hooks and metadata
+  must be empty), and checked again after unpickling;
 - ``collections.OrderedDict``; ``torch.nn`` containers (``ModuleDict`` ...) -> ``ModuleState``;
 - numpy scalars (``numpy.core`` and ``numpy._core``) and ``numpy.dtype`` -> Python numbers
   (numeric kinds only); ``builtins.set``/``frozenset`` and ``dnnlib.util.EasyDict`` (plain
   containers that older pickle protocols and EDM's config dicts name) -> themselves / a dict.
 
-Every other global (``os.system``, ``builtins.exec``, ...) is refused before it is called.
+Every other global (``os.system``, ``builtins.exec``, ...) is refused before it is called, and
+BUILD (``__setstate__``) reaches only ``ModuleState`` and the numpy dtype stand-in, never a
+tensor: see ``tensor_pickle`` for the opcodes it guards.
 """
 
 from __future__ import annotations
 
-import io
-import pickle
-import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from traflow_cli.errors import one_line
 from traflow_cli.interop.rectified_flow import CheckpointFormatError
+from traflow_cli.interop.tensor_pickle import (
+    BadContent,
+    BoundedReader,
+    FileStorage,
+    TensorPickleReader,
+    read_legacy_storage,
+    view_budget,
+)
 
 __all__ = ["ModuleState", "PersistentObject", "UnsafePickleError", "load_network_pickle"]
 
@@ -46,8 +53,7 @@ class UnsafePickleError(CheckpointFormatError):
     """A pickle names a global that an EDM network snapshot never needs; nothing was run."""
 
 
-class _BadContent(ValueError):
-    """A stand-in was handed something no EDM pickle holds (turned into one line by the loader)."""
+_BadContent = BadContent  # a stand-in was handed something no EDM pickle holds (one line)
 
 
 @dataclass
@@ -96,51 +102,6 @@ def _persistent(meta: Any) -> PersistentObject:
     return PersistentObject(class_name=meta["class_name"], state=meta["state"])
 
 
-def _load_storage(data: Any) -> torch.storage.TypedStorage:
-    if not isinstance(data, bytes):
-        raise _BadContent(f"storage bytes expected, found {type(data).__name__}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TypedStorage deprecation, legacy-format notes
-        storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if not isinstance(storage, torch.storage.TypedStorage):
-        raise _BadContent(f"a storage expected, found {type(storage).__name__}")
-    return storage
-
-
-def _ints(values: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(values, tuple | list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise _BadContent(f"tensor {what} must be non-negative integers, found {values!r}")
-    return tuple(values)
-
-
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
-                    hooks: Any = None, metadata: Any = None) -> Tensor:
-    if not isinstance(storage, torch.storage.TypedStorage):
-        raise _BadContent(f"tensor storage expected, found {type(storage).__name__}")
-    if hooks or metadata:
-        raise _BadContent("tensor with backward hooks or metadata")
-    (offset,) = _ints([offset], "offset")
-    size, stride = _ints(size, "size"), _ints(stride, "stride")
-    if len(size) != len(stride):
-        raise _BadContent(f"tensor size {size} and stride {stride} differ in length")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        length = storage.size()
-        if all(size) and offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) >= length:
-            raise _BadContent(f"tensor of size {list(size)} reaches past its storage ({length})")
-        tensor = torch.empty(0, dtype=storage.dtype)
-        tensor.set_(storage._untyped_storage, offset, size, stride)
-    return tensor
-
-
-def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None,
-                       state: Any = None) -> Tensor:
-    if not isinstance(data, Tensor) or hooks or state:
-        raise _BadContent("a parameter without its tensor, or with hooks or state")
-    return data
-
-
 class _NumpyDType:
     """numpy.dtype(name, align, copy) followed by BUILD (byte order): only name and order kept."""
 
@@ -177,12 +138,13 @@ class _EasyDict(dict):
     """dnnlib.util.EasyDict read back as a plain dict (its attribute access is not needed)."""
 
 
-_ALLOWED: dict[tuple[str, str], Callable[..., Any] | type] = {
+# Strings name the reader's own bounds-checked functions (see TensorPickleReader).
+_ALLOWED: dict[tuple[str, str], Callable[..., Any] | type | str] = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent,
-    ("torch.storage", "_load_from_bytes"): _load_storage,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): "storage_bytes",
+    ("torch._utils", "_rebuild_tensor_v2"): "rebuild_tensor",
+    ("torch._utils", "_rebuild_parameter"): "rebuild_parameter",
+    ("torch._utils", "_rebuild_parameter_with_state"): "rebuild_parameter",
     ("collections", "OrderedDict"): OrderedDict,
     ("torch.nn.modules.container", "ModuleDict"): _container("ModuleDict"),
     ("torch.nn.modules.container", "ModuleList"): _container("ModuleList"),
@@ -196,24 +158,32 @@ _ALLOWED: dict[tuple[str, str], Callable[..., Any] | type] = {
 }
 
 
-class _SnapshotUnpickler(pickle.Unpickler):
-    """pickle.Unpickler that resolves globals from the allow-list above, and nothing else."""
+def _refusal(source: Path) -> Callable[[str, str], UnsafePickleError]:
+    def refuse(module: str, name: str) -> UnsafePickleError:
+        return UnsafePickleError(
+            f"{source}: refused to load the global {module}.{name}, which an EDM network "
+            "snapshot never needs (nothing in the file was run); import only snapshots "
+            "written by NVlabs/edm")
+    return refuse
 
-    def __init__(self, file: BinaryIO, source: Path) -> None:
-        super().__init__(file)
+
+class _SnapshotUnpickler(TensorPickleReader):
+    """TensorPickleReader over the allow-list above: storages come from the legacy torch.save
+    blobs inside the pickle, and BUILD reaches only the stand-ins that take a state."""
+
+    def __init__(self, file: BoundedReader, source: Path, file_bytes: int) -> None:
+        refuse = _refusal(source)
+        allowed = {key: self._load_storage if value == "storage_bytes" else value
+                   for key, value in _ALLOWED.items()}
+        super().__init__(file, allowed=allowed, refuse=refuse,
+                         byte_budget=view_budget(file_bytes),
+                         buildable=(ModuleState, _NumpyDType))
         self.source = source
 
-    def find_class(self, module: str, name: str) -> Any:
-        target = _ALLOWED.get((module, name))
-        if target is None:
-            raise UnsafePickleError(
-                f"{self.source}: refused to load the global {module}.{name}, which an EDM network "
-                "snapshot never needs (nothing in the file was run); import only snapshots "
-                "written by NVlabs/edm")
-        return target
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise _BadContent("a persistent id (torch.save's format, not a network pickle)")
+    def _load_storage(self, data: Any) -> FileStorage:
+        if not isinstance(data, bytes):
+            raise _BadContent(f"storage bytes expected, found {type(data).__name__}")
+        return self.add_storage(read_legacy_storage(data, _refusal(self.source)))
 
 
 def load_network_pickle(path: str | Path) -> Any:
@@ -230,13 +200,25 @@ def load_network_pickle(path: str | Path) -> Any:
             f"expected an EDM network pickle at {path}, found a torch.save zip archive; import "
             "official Rectified Flow .pth files with 'traflow teacher import rectified-flow'")
     try:
+        size = path.stat().st_size
         with path.open("rb") as handle:
-            return _SnapshotUnpickler(handle, path).load()
+            unpickler = _SnapshotUnpickler(BoundedReader(handle, size), path, size)
+            snapshot = unpickler.load()
+        unpickler.verify()
+        return snapshot
     except CheckpointFormatError:
         raise
     except _BadContent as err:
         raise CheckpointFormatError(
             f"expected an EDM network pickle at {path}, found {err}") from None
+    except RecursionError:
+        raise CheckpointFormatError(
+            f"expected an EDM network pickle at {path}, found structures nested too deeply "
+            "to be a network pickle") from None
+    except MemoryError:
+        raise CheckpointFormatError(
+            f"expected an EDM network pickle at {path}, found one that needs more memory than "
+            "a network pickle of its size can") from None
     except Exception as err:  # truncation (EOF), corrupt opcodes, wrong argument types, ...
         raise CheckpointFormatError(
             f"expected an EDM network pickle at {path}, found a file that is truncated or not a "

@@ -8,14 +8,18 @@ and ``ema`` is ``ExponentialMovingAverage.state_dict()``: ``{'decay', 'num_updat
 ``parameters()``. Nothing in the file names the architecture, so the network config is read
 off the parameter names and shapes, then every name and shape is checked against
 ``NCSNpp(**config)``. Every failure is a ``CheckpointFormatError`` with a one-line message.
+
+The file is untrusted and is not opened with ``torch.load``: ``tensor_pickle`` reads the
+archive as data (allow-listed globals, no BUILD on tensors, every storage exactly its bytes,
+no overlapping views, nothing expanding past the file's size); the inferred network is bounded
+(``nets.limits``) before it is built, and the weights must be finite.
 """
 
 from __future__ import annotations
 
-import pickle
 import re
-import warnings
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,11 +27,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from traflow_cli.errors import UserError
+from traflow_cli.errors import UserError, one_line
+from traflow_cli.interop.tensor_pickle import (
+    STORAGE_TYPES,
+    BadContent,
+    check_no_expansion,
+    read_torch_zip,
+)
+from traflow_cli.nets.limits import check_net_limits
 from traflow_cli.nets.ncsnpp import NCSNpp
 
 __all__ = [
     "CheckpointFormatError",
+    "check_finite",
     "ncsnpp_config_from_state_dict",
     "read_rectified_flow_checkpoint",
 ]
@@ -51,43 +63,78 @@ def _shape(shape: torch.Size | tuple[int, ...] | list[int]) -> list[int]:
     return list(shape)
 
 
+# What a torch.save file of tensors names: containers, the tensor rebuild functions (bounds
+# checked by tensor_pickle) and the storage classes (as dtypes).
+_TORCH_ZIP_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): "rebuild_tensor",
+    ("torch._utils", "_rebuild_parameter"): "rebuild_parameter",
+    ("torch._utils", "_rebuild_parameter_with_state"): "rebuild_parameter",
+    ("torch", "Size"): tuple,
+    **{("torch", name): storage for name, storage in STORAGE_TYPES.items()},
+}
+
+
 def _load(path: Path) -> Any:
-    """torch.load with weights_only=True, every failure turned into a one-line error."""
+    """The object in a torch.save zip archive, read as data (tensor_pickle), every failure
+    turned into a one-line error."""
     if not path.is_file():
         raise CheckpointFormatError(
             f"expected a Rectified Flow .pth checkpoint at {path}, found no such file"
         )
-    is_zip = zipfile.is_zipfile(path)
     with path.open("rb") as f:
         # Pickles of protocol 2 and later (every EDM/StyleGAN pickle) open with PROTO, 0x80.
         is_pickle = f.read(1) == b"\x80"
-    try:
-        with warnings.catch_warnings():
-            # Plain pickles of protocol > 2 make the weights-only unpickler warn before it
-            # refuses them; the refusal is what we report.
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if not (is_zip or is_pickle) or "weights only load failed" not in str(err).lower():
-            raise CheckpointFormatError(
-                f"expected a PyTorch checkpoint at {path}, found a file that is truncated or "
-                f"not a PyTorch checkpoint ({type(err).__name__})"
-            ) from err
-        # The weights-only unpickler refuses arbitrary Python objects: pickled networks.
-        found = (
-            "a plain pickle of Python objects (it looks like an EDM/StyleGAN network pickle)"
-            if not is_zip
-            else "a PyTorch file of pickled Python objects (such as a whole nn.Module)"
-        )
-        raise CheckpointFormatError(
+
+    def refuse(module: str, name: str) -> CheckpointFormatError:
+        # Any other global is a Python object, such as a pickled nn.Module: never loaded.
+        return CheckpointFormatError(
             f"expected a Rectified Flow .pth checkpoint (a dict of tensors) at {path}, found "
-            f"{found}; traflow imports Rectified Flow .pth checkpoints only"
-        ) from err
+            f"a PyTorch file of pickled Python objects (such as a whole nn.Module; it names "
+            f"{module}.{name}); traflow imports Rectified Flow .pth checkpoints only"
+        )
+
+    if not zipfile.is_zipfile(path):
+        if is_pickle:
+            raise CheckpointFormatError(
+                f"expected a Rectified Flow .pth checkpoint (a dict of tensors) at {path}, found "
+                "a plain pickle of Python objects (it looks like an EDM/StyleGAN network pickle, "
+                "or a legacy torch.save file); traflow imports Rectified Flow .pth checkpoints "
+                "only (torch.save zip archives)"
+            )
+        raise CheckpointFormatError(
+            f"expected a PyTorch checkpoint at {path}, found a file that is truncated or not "
+            f"a PyTorch checkpoint (not a zip archive)"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return read_torch_zip(archive, path.stat().st_size, _TORCH_ZIP_GLOBALS, refuse)
+    except CheckpointFormatError:
+        raise
+    except BadContent as err:
+        raise CheckpointFormatError(
+            f"expected a Rectified Flow .pth checkpoint at {path}, found {one_line(err)}"
+        ) from None
+    except (RecursionError, MemoryError) as err:
+        raise CheckpointFormatError(
+            f"expected a Rectified Flow .pth checkpoint at {path}, found one too deeply nested "
+            f"or too large for its size ({type(err).__name__})"
+        ) from None
     except Exception as err:  # zip, EOF and unpickling failures of a damaged file
         raise CheckpointFormatError(
             f"expected a PyTorch checkpoint at {path}, found a file that is truncated or not "
-            f"a PyTorch checkpoint ({type(err).__name__})"
-        ) from err
+            f"a PyTorch checkpoint ({type(err).__name__}: {one_line(err)[:120]})"
+        ) from None
+
+
+def check_finite(weights: Mapping[str, Tensor], path: Path, what: str) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run): one line naming the tensor."""
+    for name, value in weights.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointFormatError(
+                f"{path}: {what} holds NaN or infinite values at {name!r} (the network it was "
+                "saved from had diverged); import a checkpoint from before it diverged"
+            )
 
 
 def _strip_official(model: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -138,10 +185,11 @@ def _expected_shapes(config: Mapping[str, Any], target_time: bool) -> dict[str, 
     try:
         with torch.device("meta"):
             net = NCSNpp(**config, target_time=target_time)
-    except (ValueError, RuntimeError, ZeroDivisionError) as err:
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError, OverflowError) as err:
         raise CheckpointFormatError(
-            f"expected weights of a buildable NCSNpp, found ones implying {dict(config)} ({err})"
-        ) from err
+            f"expected weights of a buildable NCSNpp, found ones implying {dict(config)} "
+            f"({one_line(err)[:200]})"
+        ) from None
     return {k: v.shape for k, v in net.state_dict().items()}
 
 
@@ -168,7 +216,20 @@ def ncsnpp_config_from_state_dict(
 
 
 def _infer_config(sd: Mapping[str, Tensor], image_size: int) -> dict[str, Any]:
-    """The config of ncsnpp_config_from_state_dict, before the state dict is checked."""
+    """The config of ncsnpp_config_from_state_dict, before the state dict is checked; tensors
+    of an unexpected rank are one line too."""
+    try:
+        return _infer_config_unchecked(sd, image_size)
+    except CheckpointFormatError:
+        raise
+    except (IndexError, ValueError, TypeError, KeyError) as err:
+        raise CheckpointFormatError(
+            f"expected NCSNpp weights, found tensors of unexpected shapes ({type(err).__name__}: "
+            f"{one_line(err)[:120]})"
+        ) from None
+
+
+def _infer_config_unchecked(sd: Mapping[str, Tensor], image_size: int) -> dict[str, Any]:
     # Group the official weights by module index: {index: {local name: shape}}.
     modules: dict[int, dict[str, torch.Size]] = {}
     for key, value in sd.items():
@@ -258,6 +319,10 @@ def _infer_config(sd: Mapping[str, Tensor], image_size: int) -> dict[str, Any]:
         "dropout": _DEFAULT_DROPOUT,
         "num_classes": sd[_CLASS_EMBED_KEY].shape[0] if _CLASS_EMBED_KEY in sd else 0,
     }
+    try:
+        check_net_limits(config, where="the inferred NCSNpp")
+    except ValueError as err:
+        raise CheckpointFormatError(f"expected NCSNpp weights of a sane size, found {err}") from None
     return config
 
 
@@ -274,6 +339,14 @@ def read_rectified_flow_checkpoint(
     """
     path = Path(path)
     ckpt = _load(path)
+    weights = _read_weights(ckpt, path, image_size=image_size, use_ema=use_ema)
+    check_finite(weights[1], path, "checkpoint['ema']" if use_ema else "checkpoint['model']")
+    return weights
+
+
+def _read_weights(ckpt: Any, path: Path, *, image_size: int, use_ema: bool
+                  ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """read_rectified_flow_checkpoint on the loaded object."""
     if not isinstance(ckpt, Mapping):
         raise CheckpointFormatError(
             f"expected a dict with a 'model' entry in {path}, found a {type(ckpt).__name__}"
@@ -289,14 +362,21 @@ def read_rectified_flow_checkpoint(
             f"{type(ckpt['model']).__name__}"
         )
     model = _strip_official(ckpt["model"])
+    ema = ckpt.get("ema")
+    shadow = ema.get("shadow_params") if isinstance(ema, Mapping) else None
+    try:
+        check_no_expansion([*model.values(), *(v for v in (shadow if isinstance(shadow, list | tuple) else ())
+                              if isinstance(v, Tensor))],
+                           path.stat().st_size)
+    except BadContent as err:
+        raise CheckpointFormatError(f"expected a Rectified Flow .pth checkpoint at {path}, found "
+                                    f"{err}") from None
     config = _infer_config(model, image_size)
     # Everything left in 'model' is a parameter, in the official parameters() order.
     _compare(_expected_shapes(config, target_time=False), model, "checkpoint['model']")
     if not use_ema:
         return config, model
 
-    ema = ckpt.get("ema")
-    shadow = ema.get("shadow_params") if isinstance(ema, Mapping) else None
     if not isinstance(shadow, list | tuple):
         raise CheckpointFormatError(
             f"expected checkpoint['ema']['shadow_params'] (a list of tensors) in {path}, found "

@@ -19,7 +19,9 @@ BatchSource = Callable[[int], tuple[Tensor, Tensor | None]]
 
 
 def make_batch_source(data: DataSpec, *, seed: int, global_batch: int,
-                      runtime: Runtime) -> BatchSource:
+                      runtime: Runtime, net_classes: int = 0) -> BatchSource:
+    """The batches of `data` for this rank; `net_classes` is the network's class count, which
+    every label of a labelled dataset must be below (checked here, before any step)."""
     rows = rank_rows(global_batch, runtime)
     if data.is_toy:
         def toy_batch(step: int) -> tuple[Tensor, Tensor | None]:
@@ -39,6 +41,11 @@ def make_batch_source(data: DataSpec, *, seed: int, global_batch: int,
         raise
     except ValueError as err:  # settings the dataset cannot meet (resolution, labels): one line
         raise SpecError(f"data: {err}") from None
+    found = getattr(dataset, "num_classes", 0)
+    if data.use_labels and net_classes and found > net_classes:
+        raise SpecError(f"data.path: {data.path or data.name} has labels up to {found - 1}, but "
+                        f"net.num_classes is {net_classes}; set net.num_classes={found} (a new "
+                        "network) or relabel the data")
     if data.preload and hasattr(dataset, "preload"):
         dataset.preload()
 

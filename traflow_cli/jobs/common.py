@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from traflow_cli.engine.distributed import any_rank, barrier
 from traflow_cli.engine.loop import TrainTask, train
 from traflow_cli.engine.records import write_spec_record, write_summary
 from traflow_cli.engine.runtime import Runtime, setup_runtime
-from traflow_cli.errors import UserError
+from traflow_cli.errors import UserError, writing
 from traflow_cli.runfolder import (
     LOCK,
     RunFolderError,
@@ -63,10 +64,14 @@ def claim_run_dir(run_dir: Path, spec: RunSpec, *, job: str, sections: tuple[str
     if runtime.is_main:
         try:
             check_output_folder(run_dir, job)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
+            # A read-only or full file system is one line naming the folder, not a traceback.
+            with writing(run_dir):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock.acquire()
         except UserError as err:
             failure = err
+            if created:
+                _remove_if_only_lock(run_dir)
     if any_rank(failure is not None):
         raise failure or RunFolderError(f"{run_dir}: the main process could not claim it")
     try:
@@ -88,9 +93,10 @@ def claim_run_dir(run_dir: Path, spec: RunSpec, *, job: str, sections: tuple[str
 
 
 def _remove_if_only_lock(run_dir: Path) -> None:
-    if {p.name for p in run_dir.iterdir()} <= {LOCK}:
-        (run_dir / LOCK).unlink(missing_ok=True)
-        run_dir.rmdir()
+    with contextlib.suppress(OSError):  # a read-only folder stays as it is: nothing to undo
+        if {p.name for p in run_dir.iterdir()} <= {LOCK}:
+            (run_dir / LOCK).unlink(missing_ok=True)
+            run_dir.rmdir()
 
 
 def latest_checkpoint_exists(run_dir: Path) -> bool:

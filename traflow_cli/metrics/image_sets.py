@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,22 @@ import numpy as np
 from PIL import Image
 
 from traflow_cli.data.images.decode import READ_ERRORS, decode_image, read_error_reason
-from traflow_cli.data.images.files import IMAGE_EXTENSIONS, folder_image_names, image_names
-from traflow_cli.errors import one_line
-from traflow_cli.metrics.frechet import FIDError
+from traflow_cli.data.images.files import (
+    IMAGE_EXTENSIONS,
+    MAX_IMAGE_FILE_BYTES,
+    MAX_IMAGE_PIXELS,
+    folder_image_names,
+    image_names,
+)
+from traflow_cli.errors import FIDError, one_line
+from traflow_cli.untrusted import (
+    check_zip_member,
+    load_npz,
+    npz_names,
+    open_regular,
+    read_regular,
+    read_zip_member,
+)
 
 #: Keys tried, in order, for the image array in a samples ``.npz``. "arr_0" is what
 #: ``np.savez(path, images)`` writes, the convention of most sampling scripts.
@@ -38,6 +52,7 @@ class ImageSet:
         files: image paths (folder) or member names (zip); empty for npz.
         array: (N, H, W, 3) uint8 images for npz, else None.
         size: (H, W) shared by every image.
+        what: "samples" or "reference images" (what they are to the FID, for messages).
     """
 
     kind: str
@@ -45,6 +60,7 @@ class ImageSet:
     files: list[str]
     array: np.ndarray | None
     size: tuple[int, int]
+    what: str = "samples"
 
     def __len__(self) -> int:
         return len(self.array) if self.array is not None else len(self.files)
@@ -70,6 +86,9 @@ def _header_sizes(what: str, path: Path, names: list[str],
                     raise _unreadable(what, name, path, "the file is empty")
                 handle.seek(0)
                 with Image.open(handle) as im:
+                    if im.width * im.height > MAX_IMAGE_PIXELS:
+                        raise _unreadable(what, name, path, f"{im.width}x{im.height} is more "
+                                          f"than the {MAX_IMAGE_PIXELS:,} pixels allowed")
                     sizes.setdefault((im.height, im.width), name)
         except FIDError:
             raise
@@ -88,12 +107,11 @@ def _uniform_size(sizes: dict[tuple[int, int], str], path: Path, what: str) -> t
 
 def _load_npz_images(path: Path, what: str) -> np.ndarray:
     """Load a (N, H, W, C) uint8 array from an npz, as (N, H, W, 3) RGB."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            keys = list(data.files)
-            key = next((k for k in NPZ_IMAGE_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
-            images = data[key] if key is not None else None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    try:  # every header checked against its bytes and free memory before an array is made
+        keys = npz_names(path)
+        key = next((k for k in NPZ_IMAGE_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+        images = load_npz(path, [key])[key] if key is not None else None
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
         raise FIDError(f"cannot read {what} file {path}: {one_line(exc)}") from None
     if images is None:
         raise FIDError(
@@ -141,7 +159,8 @@ def open_image_set(path: Path | str, *, what: str = "samples") -> ImageSet:
         if path.is_dir():
             kind = "folder"
             names = folder_image_names(path)
-            sizes = _header_sizes(what, path, names, lambda name: open(path / name, "rb"))
+            # Regular files only: a link to /dev/zero or a pipe named x.png would never end.
+            sizes = _header_sizes(what, path, names, lambda name: open_regular(path / name))
             files = [str(path / name) for name in names]
         elif path.suffix.lower() == ".zip":
             kind = "zip"
@@ -150,6 +169,11 @@ def open_image_set(path: Path | str, *, what: str = "samples") -> ImageSet:
                 raise FIDError(f"rename {path} to end in lower-case .zip so it can be read")
             with zipfile.ZipFile(path) as zf:
                 files = image_names(zf.namelist())
+                for name in files:  # a member that would inflate past any image is a bomb
+                    try:
+                        check_zip_member(zf.getinfo(name), MAX_IMAGE_FILE_BYTES)
+                    except ValueError as exc:
+                        raise _unreadable(what, name, path, str(exc)) from None
                 sizes = _header_sizes(what, path, files, zf.open)
         elif path.suffix.lower() == ".npz":
             kind = "npz"
@@ -165,7 +189,7 @@ def open_image_set(path: Path | str, *, what: str = "samples") -> ImageSet:
         exts = ", ".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS))
         found = "no images" if count == 0 else "only 1 image"
         raise FIDError(f"{what}: {found} in {path} (looked for {exts}); FID needs at least 2")
-    return ImageSet(kind, path, files, array, _uniform_size(sizes, path, what))
+    return ImageSet(kind, path, files, array, _uniform_size(sizes, path, what), what)
 
 
 def find_unreadable(images: ImageSet) -> tuple[str, str] | None:
@@ -180,12 +204,10 @@ def find_unreadable(images: ImageSet) -> tuple[str, str] | None:
         for file in images.files:
             name = images.name_of(file)
             try:
-                if zf is not None:
-                    with zf.open(file) as handle:  # reading to the end checks the member's CRC
-                        data = handle.read()
+                if zf is not None:  # reading to the end checks the member's CRC
+                    data = read_zip_member(zf, file, max_bytes=MAX_IMAGE_FILE_BYTES)
                 else:
-                    with open(file, "rb") as handle:
-                        data = handle.read()
+                    data = read_regular(file, max_bytes=MAX_IMAGE_FILE_BYTES)
                 decode_image(data, name, 3)
             except READ_ERRORS as exc:
                 return name, read_error_reason(exc)

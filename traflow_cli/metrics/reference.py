@@ -3,11 +3,14 @@ or a folder/zip of images measured once and cached under a fingerprint of its co
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import re
 import tempfile
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from traflow_cli.metrics.inception import (
     download_file,
     load_inception,
 )
+from traflow_cli.untrusted import load_npz, open_regular, parse_json
 
 #: Where clean-fid's precomputed reference statistics live online (``cleanfid.features``).
 CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats"
@@ -82,29 +86,64 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-").lower() or "ref"
 
 
-def _fingerprint(path: Path) -> str:
-    """Short digest identifying a reference folder or zip, so edits invalidate its cache.
+def _fingerprint(path: Path, cache_dir: Path) -> str:
+    """Short digest of a reference folder's or zip's contents, so any edit invalidates its cache.
 
-    Folder: resolved path, image count and total bytes (cheap stats, no decoding).
-    Zip: resolved path, size and modification time.
+    The sha256 of the image names and bytes (a zip: of the whole file). Files are hashed once:
+    each one's digest is remembered beside the statistics with its stat key (size, mtime,
+    ctime, inode), and hashed again only when that key changes. Replacing a file changes its
+    ctime and inode whatever its size and mtime, so the key is never fooled by a same-sized
+    file with a copied mtime. An unreadable or special file is a one-line FIDError.
     """
-    h = hashlib.sha1(str(path.resolve()).encode())
-    if path.is_dir():
-        files = folder_image_names(path)
-        h.update(f"{len(files)}:{sum(os.path.getsize(path / f) for f in files)}".encode())
-    else:
-        st = path.stat()
-        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:10]
+    files = folder_image_names(path) if path.is_dir() else [""]
+    index_path = cache_dir / "index" / (
+        f"{_slug(path.name)}-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}.json")
+    try:
+        known = parse_json(index_path.read_bytes()) if index_path.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    index: dict[str, list[object]] = {}
+    h = hashlib.sha256()
+    for name in files:
+        file = path / name if name else path
+        try:
+            st = file.stat()
+            key: list[object] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+            entry = known.get(name)
+            if isinstance(entry, list) and entry[:4] == key and isinstance(entry[-1], str):
+                digest = entry[-1]
+            else:
+                digest = _sha256_regular(file)
+        except (OSError, ValueError) as exc:
+            raise FIDError(f"cannot read reference file {file}: {one_line(exc)}") from None
+        index[name] = [*key, digest]
+        h.update(f"{name}\0{digest}\n".encode())
+    if index != known:
+        with contextlib.suppress(OSError):  # a read-only cache only costs hashing again
+            index_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = index_path.with_name(f".{index_path.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(index))
+            os.replace(tmp, index_path)
+    return h.hexdigest()[:16]
+
+
+def _sha256_regular(path: Path) -> str:
+    """sha256 of a regular file's bytes, read in 1 MB pieces (a link to /dev/zero is refused)."""
+    h = hashlib.sha256()
+    with open_regular(path) as handle:
+        while chunk := handle.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _load_stats_npz(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
     """Read ``mu`` (D,), ``sigma`` (D, D) (D = 2048 for Inception) and scalar metadata."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            keys = list(data.files)
-            arrays = {k: data[k] for k in keys}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    try:  # headers checked against the bytes held and free memory before any array is made
+        arrays = load_npz(path)
+        keys = list(arrays)
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
         raise FIDError(f"cannot read reference statistics {path}: {one_line(exc)}") from None
     if "mu" not in arrays or "sigma" not in arrays:
         raise FIDError(
@@ -125,15 +164,26 @@ def _load_stats_npz(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, objec
 
 def _save_stats_npz(path: Path, mu: np.ndarray, sigma: np.ndarray, **meta: object) -> None:
     """Write statistics atomically, so a killed run never leaves a truncated cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".npz", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".npz", dir=path.parent)
+    except OSError as exc:
+        raise _cache_error(path, exc) from None
     os.close(fd)
     try:
         np.savez(tmp, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()})
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _cache_error(path, exc) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _cache_error(path: Path, exc: OSError) -> FIDError:
+    return FIDError(f"cannot write the reference statistics cache {path} "
+                    f"({one_line(exc.strerror or exc)}); free space there, or set $TRAFLOW_CACHE "
+                    "to a writable folder")
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -275,7 +325,7 @@ def reference_stats(
 
     kind = "folder" if path.is_dir() else "zip"
     name = _slug(path.stem if kind == "zip" else path.resolve().name)
-    stats_file = cache_dir / f"{name}_{_slug(split)}_{resolution}_{mode}_{_fingerprint(path)}.npz"
+    stats_file = cache_dir / f"{name}_{_slug(split)}_{resolution}_{mode}_{_fingerprint(path, cache_dir)}.npz"
     if stats_file.is_file():
         mu, sigma, meta = _load_stats_npz(stats_file)
         num = meta.get("num_images")

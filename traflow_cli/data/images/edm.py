@@ -9,7 +9,6 @@ the file and its zip or folder.
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 from pathlib import Path
@@ -21,13 +20,22 @@ from torch import Tensor
 from traflow_cli.data.images.dataset import ImageDataset
 from traflow_cli.data.images.decode import READ_ERRORS, decode_image, probe_image, read_error_reason
 from traflow_cli.data.images.errors import DatasetError, DatasetNotFoundError
-from traflow_cli.data.images.files import IMAGE_EXTENSIONS, folder_image_names, image_names
+from traflow_cli.data.images.files import (
+    IMAGE_EXTENSIONS,
+    MAX_IMAGE_FILE_BYTES,
+    MAX_IMAGE_PIXELS,
+    folder_image_names,
+    image_names,
+)
 from traflow_cli.data.images.header import NEED_MORE, size_from_header
 from traflow_cli.data.images.resize import CELEBA_ALIGNED_SIZE, celeba_crop_resize, downscale_lanczos
 from traflow_cli.data.images.transforms import hwc_to_chw
 from traflow_cli.errors import one_line
+from traflow_cli.untrusted import check_zip_member, parse_json, read_regular, read_zip_member
 
 FITS = ("exact", "celeba", "downscale")
+#: dataset.json's allowance beyond 1 KB an image (its "classes" list, if any).
+MAX_LABELS_BYTES = 16 << 20
 
 
 class EDMImageDataset(ImageDataset):
@@ -81,20 +89,29 @@ class EDMImageDataset(ImageDataset):
     def _list_images(self) -> list[str]:
         """Image files in sorted order (the order labels and indices refer to)."""
         if self._is_zip:
-            return image_names(self._zipfile().namelist())
+            zf = self._zipfile()
+            names = image_names(zf.namelist())
+            for name in names:  # sizes from the zip's directory: no member is inflated yet
+                try:
+                    check_zip_member(zf.getinfo(name), MAX_IMAGE_FILE_BYTES)
+                except ValueError as exc:
+                    raise self._unreadable(name, str(exc)) from None
+            return names
         try:
             return folder_image_names(self.path)
         except OSError as exc:
             raise DatasetError(f"{self.name}: cannot list the folder '{self.path}' "
                                f"({read_error_reason(exc)})") from None
 
-    def _read(self, fname: str, limit: int = -1) -> bytes:
-        """Bytes of one file (the first `limit` bytes when limit >= 0); raises READ_ERRORS."""
+    def _read(self, fname: str, limit: int = -1, max_bytes: int = MAX_IMAGE_FILE_BYTES) -> bytes:
+        """Bytes of one file (the first `limit` bytes when limit >= 0); raises READ_ERRORS.
+
+        Never more than `max_bytes`: a zip member is checked before it is inflated (a bomb), and
+        a folder's file must be a regular file (a link to /dev/zero or a pipe would never end).
+        """
         if self._is_zip:
-            with self._zipfile().open(fname) as f:
-                return f.read(limit)
-        with open(self.path / fname, "rb") as f:
-            return f.read(limit)
+            return read_zip_member(self._zipfile(), fname, limit, max_bytes=max_bytes)
+        return read_regular(self.path / fname, limit, max_bytes=max_bytes)
 
     def _unreadable(self, fname: str, reason: str) -> DatasetError:
         """The one-line error for an image that cannot be read: which file, in which zip/folder."""
@@ -133,6 +150,11 @@ class EDMImageDataset(ImageDataset):
                     f"but '{fname}' is {w}x{h}; resize them all to one size first"
                 )
             channels = max(channels, c)  # grey only when every image is grey
+        if w0 * h0 > MAX_IMAGE_PIXELS:
+            raise DatasetError(
+                f"{self.name}: images in '{self.path}' are {w0}x{h0}, more than the "
+                f"{MAX_IMAGE_PIXELS:,} pixels an image may have; downscale them first (e.g. EDM "
+                "dataset_tool.py --resolution)")
         res = self.resolution
         fits = {
             "exact": (w0, h0) == (res, res),
@@ -152,7 +174,9 @@ class EDMImageDataset(ImageDataset):
         """Integer label per image from dataset.json {"labels": [[path, class], ...]}."""
         where = f"'{self.path}{'!' if self._is_zip else os.sep}dataset.json'"
         try:
-            meta = json.loads(self._read("dataset.json"))
+            # [path, class] pairs need ~100 bytes an image: a larger file is not a label list.
+            meta = parse_json(self._read("dataset.json", max_bytes=MAX_LABELS_BYTES + 1024 * len(
+                self._names)))
         except DatasetError:
             raise
         except (KeyError, FileNotFoundError):

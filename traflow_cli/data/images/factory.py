@@ -28,7 +28,10 @@ def _is_edm_source(path: Path) -> bool:
         return zipfile.is_zipfile(path)
     if not path.is_dir():
         return False
-    return (path / "dataset.json").is_file() or folder_has_images(path)
+    try:
+        return (path / "dataset.json").is_file() or folder_has_images(path)
+    except OSError:  # an unreadable folder: the dataset reader says which, in one line
+        return True
 
 
 def _not_found(name: str, path: Path | None, looked_for: str, online: bool) -> DatasetNotFoundError:
