@@ -1,7 +1,7 @@
 """Imports point one way (DESIGN.md): core imports only torch, numpy and the standard library;
-specs never import torch; the engine knows nothing of the method or the package root; jobs never
-use the notebook API; the CLI imports jobs only inside commands; no module imports itself back
-through a cycle; and each concept is defined in one module."""
+specs never import torch; the engine knows nothing of the method; nothing inside the package
+imports its root (the notebook API); the CLI imports jobs only inside commands; no module imports
+itself back through a cycle; and each concept is defined in one module."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_engine_knows_nothing_of_the_method(path: Path) -> None:
         assert not name.startswith(("traflow_cli.traflow", "traflow_cli.jobs",
                                     "traflow_cli.specs", "traflow_cli.cli",
                                     "traflow_cli.nets", "traflow_cli.sampling",
-                                    "traflow_cli.models", "traflow_cli.api")), name
+                                    "traflow_cli.models")), name
 
 
 @pytest.mark.parametrize("path", [p for p in MODULES.values() if p != PACKAGE / "__init__.py"],
@@ -123,17 +123,12 @@ def test_nothing_inside_imports_the_package_root(path: Path) -> None:
         assert "traflow_cli" not in read, f"{_ids(path)} imports the package root"
 
 
-@pytest.mark.parametrize("path", _files("jobs"), ids=_ids)
-def test_jobs_never_use_the_notebook_api(path: Path) -> None:
-    assert "traflow_cli.api" not in _all_imports(path), "load models through traflow_cli.models"
-
-
 @pytest.mark.parametrize("path", _files("data", "metrics"), ids=_ids)
 def test_data_and_metrics_know_nothing_of_the_layers_above(path: Path) -> None:
     for name in _all_imports(path):
         assert not name.startswith(("traflow_cli.jobs", "traflow_cli.cli", "traflow_cli.engine",
                                     "traflow_cli.specs", "traflow_cli.presets",
-                                    "traflow_cli.api", "traflow_cli.models")), name
+                                    "traflow_cli.models")), name
 
 
 CLI_MODULE_LEVEL = ("traflow_cli.cli", "traflow_cli.specs", "traflow_cli.presets",
@@ -221,3 +216,22 @@ def test_dataset_name_lists_agree() -> None:
     in_specs = _literal(PACKAGE / "specs.py", "IMAGE_DATASETS")
     in_factory = _literal(PACKAGE / "data" / "images" / "factory.py", "IMAGE_DATASETS")
     assert sorted(in_specs) == sorted(in_factory)
+
+
+def test_the_package_root_is_the_notebook_api_and_loads_torch_only_when_asked() -> None:
+    """`from traflow_cli import load_teacher, ...` gives traflow_cli.models' own objects (no
+    module of mere re-exports in between), and `import traflow_cli` alone imports no torch."""
+    import subprocess
+
+    code = ("import sys, traflow_cli\n"
+            "assert 'torch' not in sys.modules\n"
+            "from traflow_cli import Student, Teacher, load_student, load_teacher\n"
+            "from traflow_cli import models\n"
+            "assert (Student, Teacher, load_student, load_teacher) == (models.Student, "
+            "models.Teacher, models.load_student, models.load_teacher)\n"
+            "assert sorted(traflow_cli.__all__) == sorted(['Student', 'Teacher', 'load_student', "
+            "'load_teacher', '__version__'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem == "api") == []

@@ -1,6 +1,8 @@
 """Concepts that used to be defined twice now have one definition that every caller shares:
 the rule for sampling times (spec and sampler), the binding of class labels to a teacher
-(fixed-step and per-sample solvers), and the choice of device (training and FID)."""
+(fixed-step and per-sample solvers), the choice of device (training and FID), whether data is
+toy or images, whether a network is an EDM teacher, and where presets, run-folder specs and
+FIDError come from."""
 
 from __future__ import annotations
 
@@ -89,3 +91,82 @@ def test_device_choices_resolve_in_one_place(tmp_path: Path) -> None:
     assert result.exit_code == 2 and result.stderr.strip() == f"error: {message}", result.stderr
     result = invoke("teacher", "train", "--device", "cuda", "--out", tmp_path / "run")
     assert result.exit_code == 2 and result.stderr.strip() == f"error: {message}", result.stderr
+
+
+# ---- one home per rule: toy or image data, EDM or rectified flow, presets or run folders ----
+
+
+def test_toy_or_image_data_is_decided_in_one_place() -> None:
+    from traflow_cli.specs import DataSpec, is_toy_data
+
+    assert is_toy_data(DataSpec(name="checkerboard")) and not is_toy_data(DataSpec(name="cifar10"))
+    # Raw sections, as a preset or --set gives them before validation: no name is the default's.
+    assert is_toy_data({}) and is_toy_data(None) and is_toy_data({"name": "ring8"})
+    assert not is_toy_data({"name": "shapes32"}) and not is_toy_data({"name": "folder"})
+    # Every other module asks is_toy_data (or DataSpec.is_toy); none lists the toy datasets.
+    package = Path(__file__).resolve().parents[1] / "traflow_cli"
+    users = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                   if "TOY_DATASETS" in p.read_text())
+    assert users == ["specs.py"], users
+
+
+def test_every_network_says_whether_it_is_an_edm_teacher() -> None:
+    from traflow_cli.models import Teacher
+    from traflow_cli.nets import build_net
+
+    configs = [{"kind": "mlp", "hidden": 8, "depth": 2, "time_dim": 8},
+               {"kind": "ncsnpp", "image_size": 16, "nf": 8, "ch_mult": [1], "num_res_blocks": 1,
+                "attn_resolutions": []}]
+    for config in configs:
+        net = build_net(config)
+        assert "sigma_range" in vars(type(net)) and net.sigma_range is None
+        assert Teacher(net, config).sigma_range is None
+    with torch.device("meta"):
+        edm = build_net({"kind": "edm", "image_size": 16, "precond": {"kind": "edm"},
+                         "model": {"type": "SongUNet", "model_channels": 16,
+                                   "channel_mult": [1, 2], "num_blocks": 1}})
+    assert Teacher(edm, {}).sigma_range == (0.002, 80.0)
+    # A network that does not say is an error, not silently a rectified flow.
+    with pytest.raises(AttributeError, match="sigma_range"):
+        _ = Teacher(nn.Linear(2, 2), {}).sigma_range
+
+
+def test_presets_and_run_folders_load_through_their_own_functions(toy_teacher: Path) -> None:
+    from traflow_cli.presets import load_preset, load_run_spec
+    from traflow_cli.specs import SpecError
+
+    assert load_preset("toy2d")["preset"] == "toy2d"
+    assert load_run_spec(toy_teacher, "RUN")["preset"] == "toy2d"
+    with pytest.raises(SpecError, match="is a folder, not a preset"):
+        load_preset(str(toy_teacher))
+    result = invoke("teacher", "train", "--preset", toy_teacher, "--dry-run")
+    assert result.exit_code == 2 and result.stderr.startswith("error: --preset: "), result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_write_grid_is_not_a_time_grid_and_old_records_still_load(toy_teacher: Path,
+                                                                   tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    assert not SampleSpec(write_grid=False).write_grid and SampleSpec().write_grid
+    assert "grid" not in SampleSpec.model_fields
+    # A run folder recorded before the rename says `grid`; its spec is still the base of a run.
+    old = tmp_path / "teacher"
+    shutil.copytree(toy_teacher, old)
+    record = json.loads((old / "spec.json").read_text())
+    record["spec"]["sample"].pop("write_grid")
+    record["spec"]["sample"]["grid"] = False
+    (old / "spec.json").write_text(json.dumps(record))
+    result = invoke("sample", old, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["sample"]["write_grid"] is False
+
+
+def test_fid_error_lives_with_the_other_errors() -> None:
+    from traflow_cli import errors
+    from traflow_cli.metrics import fid, frechet
+
+    assert errors.FIDError.__module__ == "traflow_cli.errors"
+    assert fid.FIDError is frechet.FIDError is errors.FIDError
+    assert issubclass(errors.FIDError, errors.UserError)

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import invoke
+from conftest import OFFICIAL_FIXTURES, invoke
 from PIL import Image
 
 from traflow_cli.jobs import sample as sample_job
 from traflow_cli.jobs.writers import PNGWriter, existing_indices, missing_indices, read_pngs
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "rf_ncsnpp_nf12.pth"
+FIXTURE = OFFICIAL_FIXTURES["official-nf12"][0]
 PRESET = """preset = "tiny16"
 [data]
 name = "cifar10"

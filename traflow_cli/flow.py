@@ -98,12 +98,21 @@ STEPPERS = {"euler": euler_step, "heun": heun_step, "heun_sigma": heun_sigma_ste
 EVALS_PER_STEP = {"euler": 1, "heun": 2, "heun_sigma": 2}
 
 
-def evals_on_grid(method: str, grid: Tensor) -> int:
-    """Velocity evaluations of one solve on `grid` (heun_sigma's step to t = 1 costs one)."""
-    steps = len(grid) - 1
-    if method == "heun_sigma" and steps and float(grid[-1]) >= 1:
+def solve_evals(method: str, steps: int, *, to_data_end: bool = True) -> int:
+    """Velocity evaluations (NFE) of one `steps`-step solve by `method`: the one definition.
+
+    Euler costs 1 per step and Heun 2; Heun in EDM's coordinates ("heun_sigma") takes its step
+    to t = 1 by Euler (heun_sigma_step, as EDM's sampler), so a solve that ends at the data end
+    costs 2N - 1.
+    """
+    if method == "heun_sigma" and steps and to_data_end:
         return 2 * steps - 1
     return EVALS_PER_STEP[method] * steps
+
+
+def evals_on_grid(method: str, grid: Tensor) -> int:
+    """Velocity evaluations of one solve on `grid` [N + 1] (see solve_evals)."""
+    return solve_evals(method, len(grid) - 1, to_data_end=len(grid) > 1 and float(grid[-1]) >= 1)
 
 
 # EDM's sampler (Karras et al. 2022) works between these noise levels with rho = 7; an EDM

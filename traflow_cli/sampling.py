@@ -14,7 +14,7 @@ from traflow_cli.flow import (
     EVALS_PER_STEP,
     RowVelocity,
     Velocity,
-    evals_on_grid,
+    solve_evals,
     solve_on_grid,
     solve_rk45,
     solver_grid,
@@ -88,6 +88,12 @@ def sample_student(net: nn.Module, noise: Tensor, times: Tensor, *, labels: Tens
 SigmaRange = tuple[float, float] | None
 
 
+def resolve_grid(choice: str, native: str) -> str:
+    """"uniform" or "karras": a spec's time_grid choice, "native" being the run's own grid (an
+    EDM teacher's Karras grid, the grid a student was distilled on)."""
+    return native if choice == "native" else choice
+
+
 def teacher_start_time(grid: str, sigma_range: SigmaRange) -> float:
     """Where a teacher solve starts: t = 0 for a rectified flow on a uniform grid, else
     t_min = 1 / (1 + sigma_max), where EDM's sampler starts (sigma_max = 80 unless the teacher's
@@ -118,6 +124,13 @@ def teacher_stepper(solver: str, sigma_range: SigmaRange) -> str:
     if solver not in EVALS_PER_STEP:
         raise ValueError(f"solver must be one of {TEACHER_SOLVERS}, got {solver!r}")
     return "heun_sigma" if solver == "heun" and sigma_range is not None else solver
+
+
+def teacher_nfe(solver: str, steps: int, sigma_range: SigmaRange = None) -> int:
+    """Network evaluations of a fixed-step teacher solve of `steps` steps (every teacher grid
+    ends at the data end): Euler N, Heun 2N, and 2N - 1 for Heun on an EDM teacher, whose last
+    step is Euler as in EDM's sampler (flow.solve_evals)."""
+    return solve_evals(teacher_stepper(solver, sigma_range), steps)
 
 
 def student_grid_times(nfe: int, grid: str, grid_steps: int, sigma_range: SigmaRange = None
@@ -157,7 +170,7 @@ def sample_teacher(velocity: Velocity, noise: Tensor, *, solver: str = "euler", 
     method = teacher_stepper(solver, sigma_range)
     times = teacher_grid(grid, steps, sigma_range, device=noise.device)
     x = solve_on_grid(velocity, start_state(noise, times[0]), times, method=method)
-    return x, evals_on_grid(method, times)
+    return x, teacher_nfe(solver, steps, sigma_range)
 
 
 def teacher_velocity(net: nn.Module, labels: Tensor | None = None) -> Velocity:

@@ -14,6 +14,7 @@ import typer
 from traflow_cli.errors import Interrupted, UserError
 from traflow_cli.presets import (
     DEFAULT_PRESET,
+    available_presets,
     load_preset,
     load_run_spec,
     merge_sources,
@@ -23,8 +24,7 @@ from traflow_cli.presets import (
 from traflow_cli.specs import RunSpec, build_spec
 
 Preset = Annotated[str, typer.Option(
-    "--preset", "-p", help="Preset name (toy2d, shapes32, cifar10, celeba64, ffhq64, "
-    "imagenet64) or a .toml file.")]
+    "--preset", "-p", help=f"Preset name ({', '.join(available_presets())}) or a .toml file.")]
 Sets = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override one spec field, section.key=value (repeatable), "
     "e.g. --set distill.lr=2e-4.", show_default=False)]

@@ -19,12 +19,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from traflow_cli.engine.checkpoint import latest_checkpoint, quarantine_newer, save_checkpoint
+from traflow_cli.engine.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    quarantine_newer,
+    save_checkpoint,
+)
 from traflow_cli.engine.distributed import any_rank, barrier, mean_over_ranks, unwrap
 from traflow_cli.engine.progress import ProgressBar
 from traflow_cli.engine.records import append_metrics, truncate_metrics
 from traflow_cli.engine.runtime import Runtime
-from traflow_cli.errors import Interrupted, UserError
+from traflow_cli.errors import Interrupted, UserError, one_line
 
 
 class TrainingDiverged(UserError):
@@ -81,6 +86,21 @@ def stop_requests() -> Iterator[dict[str, bool]]:
             signal.signal(sig, old)
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does: for work with no step to stop after
+    (an FID), so that `finally` blocks run and temporaries go, and the CLI says one line and
+    exits with code 130 (128 + SIGINT), as the training jobs do on SIGTERM."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def restore(task: TrainTask, runtime: Runtime) -> int:
     """Load the newest checkpoint that verifies, if any; returns the step to continue from.
 
@@ -92,8 +112,16 @@ def restore(task: TrainTask, runtime: Runtime) -> int:
     step = 0 if ckpt is None else ckpt.step
     if ckpt is not None:
         for name, module in task.saved_modules.items():
-            unwrap(module).load_state_dict(ckpt.weights(name))
-        task.optimizer.load_state_dict(ckpt.trainer_state()["optimizer"])
+            plain = unwrap(module)
+            # Names and shapes checked from the header first: an edited file is one line.
+            plain.load_state_dict(ckpt.weights(name, expected=plain.state_dict()))
+        state = ckpt.trainer_state()
+        try:
+            task.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise CheckpointError(f"{ckpt.state_path}: its optimizer state does not fit this run "
+                                  f"({type(err).__name__}: {one_line(err)[:120]}); restore the "
+                                  "file, or resume from an earlier checkpoint") from None
     barrier()  # every rank has read the checkpoint before rank 0 moves anything
     if runtime.is_main:
         if ckpt is not None and ckpt.skipped:
@@ -117,11 +145,6 @@ def _save(task: TrainTask, step: int, runtime: Runtime) -> Path | None:
             metadata=task.metadata, keep=task.keep_checkpoints)
     barrier()
     return path
-
-
-def _any_rank_stopping(stop: bool, runtime: Runtime) -> bool:
-    # Every rank must leave at the same step, or the others would wait forever in a collective.
-    return any_rank(stop)
 
 
 def train(task: TrainTask, runtime: Runtime) -> dict[str, Any]:
@@ -153,7 +176,8 @@ def train(task: TrainTask, runtime: Runtime) -> dict[str, Any]:
                 f"and were skipped: the run has diverged; {saved}; lower {task.title}.lr")
 
     with stop_requests() as flag, ProgressBar(task.title, task.total_steps, completed=start,
-                                              enabled=runtime.is_main) as bar:
+                                              enabled=runtime.is_main,
+                                              per_unit=task.images_per_step) as bar:
         for step in range(start, task.total_steps):
             metrics = task.step_fn(step)
             done = step + 1
@@ -181,12 +205,13 @@ def train(task: TrainTask, runtime: Runtime) -> dict[str, Any]:
                     last_row["skipped_steps"] = skipped
                 if runtime.is_main:
                     append_metrics(task.run_dir, last_row)
-                bar.update(done, "  ".join(
-                    f"{n}={v:.4g}" for n, v in last_row.items() if n not in ("step", "images_seen")))
+                bar.update(done, {n: v for n, v in last_row.items()
+                                  if n not in ("step", "images_seen", "images_per_s")})
                 sums, count, tick = {}, 0, time.perf_counter()
             else:
                 bar.update(done)
-            stopping = _any_rank_stopping(flag["stop"], runtime)
+            # Every rank leaves at the same step, or the others would wait forever in a collective.
+            stopping = any_rank(flag["stop"])
             if done % task.checkpoint_every_steps == 0 or done == task.total_steps or stopping:
                 check_finite()  # never save weights that a NaN step has touched
                 checkpoint = _save(task, done, runtime)

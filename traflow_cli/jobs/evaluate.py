@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import zipfile
 import zlib
@@ -14,14 +13,17 @@ import torch
 from torch import Tensor
 
 from traflow_cli.data.toy import sample_toy
+from traflow_cli.engine.loop import terminate_as_interrupt
+from traflow_cli.engine.progress import ProgressBar
 from traflow_cli.engine.records import atomic_write_json
 from traflow_cli.engine.runtime import Runtime, resolve_device
-from traflow_cli.errors import UserError, one_line
+from traflow_cli.errors import Interrupted, UserError, one_line, writing
 from traflow_cli.jobs.common import sample_shape
 from traflow_cli.jobs.writers import panels_row, save_image, scatter_panel
 from traflow_cli.metrics.agreement import mse_psnr, straightness
 from traflow_cli.metrics.toy import mmd_rbf, sliced_wasserstein
 from traflow_cli.models import load_student, load_teacher
+from traflow_cli.runfolder import read_record
 from traflow_cli.sampling import (
     noise_for_indices,
     sample_teacher,
@@ -29,6 +31,7 @@ from traflow_cli.sampling import (
 )
 from traflow_cli.seeding import generator_for
 from traflow_cli.specs import RunSpec, SpecError
+from traflow_cli.untrusted import load_npz, memory_budget, npz_names
 
 
 class SamplesFileError(UserError, ValueError):
@@ -46,20 +49,24 @@ def read_toy_points(path: Path, dim: int) -> Tensor:
         what = "a folder, not a file" if path.is_dir() else "no such file"
         raise SamplesFileError(f"{path}: {what}; {fix}")
     try:
-        archive = np.load(path, allow_pickle=False)  # untrusted: never unpickle
+        with open(path, "rb") as handle:
+            bare_npy = handle.read(6) == b"\x93NUMPY"
+    except OSError as exc:
+        raise SamplesFileError(f"{path}: not a readable .npz ({one_line(exc)}); {fix}") from None
+    if bare_npy:
+        raise SamplesFileError(f"{path}: a bare .npy array, not an .npz with 'points'; {fix}")
+    try:  # untrusted: never unpickled, and no header's claimed size is allocated unchecked
+        names = npz_names(path)
     except _NPZ_ERRORS as exc:
         raise SamplesFileError(f"{path}: not a readable .npz ({one_line(exc)}); {fix}") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise SamplesFileError(f"{path}: a bare .npy array, not an .npz with 'points'; {fix}")
-    with archive:
-        if "points" not in archive.files:
-            found = ", ".join(archive.files) or "nothing"
-            raise SamplesFileError(f"{path}: no 'points' array (found {found}); {fix}")
-        try:
-            points = archive["points"]
-        except _NPZ_ERRORS as exc:
-            raise SamplesFileError(f"{path}: cannot read its 'points' ({one_line(exc)}); "
-                                   f"{fix}") from None
+    if "points" not in names:
+        found = ", ".join(names) or "nothing"
+        raise SamplesFileError(f"{path}: no 'points' array (found {found}); {fix}")
+    try:
+        points = load_npz(path, ["points"])["points"]
+    except _NPZ_ERRORS as exc:
+        raise SamplesFileError(f"{path}: cannot read its 'points' ({one_line(exc)}); "
+                               f"{fix}") from None
     numeric = np.issubdtype(points.dtype, np.integer) or np.issubdtype(points.dtype, np.floating)
     if not numeric or points.ndim != 2 or points.shape[1] != dim or len(points) < 2:
         raise SamplesFileError(f"{path}: 'points' is {points.dtype} {list(points.shape)}, not "
@@ -73,6 +80,14 @@ def evaluate_toy(spec: RunSpec, *, teacher_dir: Path | None, student_dir: Path |
     student at several NFE, and any sample files; the first row is the two-true-sets floor."""
     cfg = spec.eval
     n = cfg.num_samples
+    # Sliced Wasserstein sorts two [n, projections] float64 arrays (and their product); MMD
+    # holds a few [m, m] kernels: refused up front if that cannot fit, not after minutes.
+    need = 3 * 8 * n * cfg.projections + 4 * 8 * min(cfg.mmd_samples, n) ** 2
+    budget = memory_budget()
+    if budget is not None and need > budget:
+        raise SpecError(f"eval.num_samples: {n:,} samples x {cfg.projections:,} projections need "
+                        f"{need / 1e9:,.1f} GB of memory, more than the {budget / 1e9:,.1f} GB "
+                        "free; lower eval.num_samples, eval.projections or eval.mmd_samples")
     truth = sample_toy(spec.data.name, n, generator_for(spec.seed, 4))
     # Every file is read before any model runs, so a bad one fails the command at once.
     files = [(path, read_toy_points(path, truth.shape[1])) for path in sample_files]
@@ -107,7 +122,8 @@ def evaluate_toy(spec: RunSpec, *, teacher_dir: Path | None, student_dir: Path |
         pictures.append(scatter_panel(points, path.parent.name or path.name))
     result = {"metric": "toy", "distribution": spec.data.name, "rows": rows}
     if out is not None and runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        with writing(out):  # a read-only or full file system: one line naming the folder
+            out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "eval.json", result)
         save_image(out / "eval.png", panels_row(pictures))
         result["picture"] = str(out / "eval.png")
@@ -167,11 +183,13 @@ def fid_samples_path(samples: Path) -> tuple[Path, list[str]]:
     record = samples / "spec.json"
     if not (samples.is_dir() and record.is_file()):
         return samples, []
-    saved = json.loads(record.read_text())
+    saved = read_record(samples) or {}
     if saved.get("job") != "sample":
         raise FIDError(f"{samples} is a {saved.get('job')!r} run folder, not samples; pass the "
                        "folder written by 'traflow sample' (or its samples.npz)")
-    wanted = saved["spec"]["sample"]["num_samples"]
+    section = saved["spec"].get("sample")
+    wanted = section.get("num_samples") if isinstance(section, dict) else None
+    wanted = wanted if isinstance(wanted, int) else 0  # an edited record: measure what is there
     found = len(existing_indices(samples / IMAGES_DIR))
     if found:
         warnings = [] if found >= wanted else [
@@ -188,7 +206,12 @@ def evaluate_fid(spec: RunSpec, *, samples: Path, out: Path | None, batch_size: 
                  num_workers: int = 0, allow_download: bool = True) -> dict[str, Any]:
     """FID of samples (a `traflow sample` folder, an image folder, .zip or .npz) against
     spec.eval.fid_reference with clean-fid's protocol for spec.eval.fid_mode; writes fid.json
-    to out (None: do not write). The result's `warnings` are one-line notes for stderr."""
+    to out (None: do not write). The result's `warnings` are one-line notes for stderr.
+
+    Ctrl-C or SIGTERM stops it with Interrupted (exit code 130), keeping what is finished:
+    reference statistics are cached whole (atomically) once measured, never in part.
+    """
+    from traflow_cli.metrics.features import feature_progress
     from traflow_cli.metrics.fid import FIDError, compute_fid
 
     cfg = spec.eval
@@ -199,9 +222,15 @@ def evaluate_fid(spec: RunSpec, *, samples: Path, out: Path | None, batch_size: 
     device = resolve_device(spec.runtime.device)
     measured, warnings = fid_samples_path(samples)
     began = time.perf_counter()
-    fid = compute_fid(measured, cfg.fid_reference, mode=cfg.fid_mode, split=cfg.fid_split,
-                      batch_size=batch_size, device=device, num_workers=num_workers,
-                      allow_download=allow_download)
+    try:
+        with terminate_as_interrupt(), feature_progress(
+                lambda title, total: ProgressBar(title, total, unit="image")):
+            fid = compute_fid(measured, cfg.fid_reference, mode=cfg.fid_mode,
+                              split=cfg.fid_split, batch_size=batch_size, device=device,
+                              num_workers=num_workers, allow_download=allow_download)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; no FID was measured (reference statistics measured "
+                          "before are kept in the cache); re-run the same command") from None
     if fid.num_samples < FID_PROTOCOL_SAMPLES:
         warnings.append(f"warning: FID of {fid.num_samples:,} samples is biased upward at small "
                         f"N; measure {FID_PROTOCOL_SAMPLES:,} (the CIFAR-10 protocol) for numbers "

@@ -18,7 +18,7 @@ from traflow_cli.jobs.common import net_metadata
 from traflow_cli.jobs.teacher import check_import_target, write_teacher_import
 from traflow_cli.nets import build_net
 from traflow_cli.presets import load_preset, resolve_spec
-from traflow_cli.specs import TOY_DATASETS, RunSpec, SpecError
+from traflow_cli.specs import RunSpec, SpecError, is_toy_data
 
 # How EDM's sampler solves these teachers (and so how `sample` and `distill` should by default).
 NATIVE_GRID = "karras"
@@ -37,8 +37,7 @@ def edm_teacher_spec(net_config: dict[str, Any], preset: str | None,
                      sets: list[str] | None) -> RunSpec:
     """The preset's spec around the imported network: its net, resolution, channels, labels."""
     preset = preset or default_preset(net_config)
-    data_name = load_preset(preset).get("data", {}).get("name", "ring8")
-    if data_name in TOY_DATASETS:
+    if is_toy_data(load_preset(preset).get("data")):
         raise SpecError(f"--preset: {preset!r} is a toy (2-D) preset; an EDM teacher needs an "
                         f"image preset, e.g. --preset {default_preset(net_config)}")
     values = {"net": net_config, "data.resolution": net_config["image_size"],

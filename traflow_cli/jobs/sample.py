@@ -12,10 +12,15 @@ A toy (2-D) run writes samples.npz (`points` [N, 2]) and samples.png instead.
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
+import math
+import os
 import shutil
 import time
+import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +34,27 @@ from traflow_cli.engine.loop import stop_requests
 from traflow_cli.engine.progress import ProgressBar
 from traflow_cli.engine.records import atomic_write_json, write_summary
 from traflow_cli.engine.runtime import Runtime
-from traflow_cli.errors import Interrupted
-from traflow_cli.flow import EVALS_PER_STEP, solve_rk45_per_sample
+from traflow_cli.errors import Interrupted, one_line
+from traflow_cli.flow import solve_rk45_per_sample
 from traflow_cli.jobs.common import RunClaim, claim_run_dir, sample_shape
 from traflow_cli.jobs.writers import (
     PNGWriter,
     existing_indices,
     image_grid,
-    missing_indices,
+    incomplete_pngs,
     panels_row,
+    png_rows,
     read_pngs,
     remove_partial,
+    sample_path,
     save_image,
     save_npz,
+    save_npz_rows,
     scatter_panel,
     to_uint8,
 )
 from traflow_cli.models import Student, Teacher, load_student, load_teacher
+from traflow_cli.runfolder import MAX_RECORD_BYTES
 from traflow_cli.sampling import (
     noise_for_indices,
     rk45_start_time,
@@ -53,10 +62,12 @@ from traflow_cli.sampling import (
     sample_teacher,
     start_state,
     student_times,
+    teacher_nfe,
     teacher_row_velocity,
     teacher_velocity,
 )
 from traflow_cli.specs import RunSpec, SampleSpec, SpecError
+from traflow_cli.untrusted import load_npz, memory_budget, read_json_file
 
 log = logging.getLogger("traflow")
 
@@ -106,7 +117,7 @@ def generate(model: nn.Module, noise: Tensor, cfg: SampleSpec, labels: Tensor | 
 def sampling_source(spec: RunSpec, run_dir: Path, model: Teacher | Student) -> dict[str, Any]:
     """What decides the images: the checkpoint, the seed and the settings this model uses.
 
-    Batch size, sample count, format and grid are left out: they never change image i.
+    Batch size, sample count, format and write_grid are left out: they never change image i.
     """
     cfg = spec.sample
     ckpt = run_checkpoint(run_dir)
@@ -133,7 +144,14 @@ def check_resume(out: Path, source: dict[str, Any]) -> None:
     path = out / "source.json"
     if not path.is_file():
         return
-    saved = json.loads(path.read_text())
+    try:
+        saved = read_json_file(path, max_bytes=MAX_RECORD_BYTES)
+    except (OSError, ValueError) as err:
+        raise SpecError(f"--out: {path} is not readable ({one_line(err)}); restore it, or choose "
+                        "another --out") from None
+    if not isinstance(saved, dict):
+        raise SpecError(f"--out: {path} is not a traflow source record; restore it, or choose "
+                        "another --out")
     # The model may move; its checkpoint's contents may not.
     differ = [k for k in sorted(set(saved) | set(source))
               if k != "model" and saved.get(k) != source.get(k)]
@@ -170,18 +188,28 @@ def _sample_run(spec: RunSpec, run_dir: Path, claim: RunClaim, runtime: Runtime
     source = sampling_source(spec, run_dir, model)
     check_resume(out, source)
     images_dir = out / IMAGES_DIR
+    # What cannot fit is refused before anything is written (the counts come from one listing).
+    done = set() if is_points else {i for i in existing_indices(images_dir) if i < cfg.num_samples}
+    check_room(out, cfg, shape, is_points, cfg.num_samples - len(done))
     claim.write_record()
     if runtime.is_main:
         atomic_write_json(out / "source.json", source)
         if not is_points:
             remove_partial(images_dir)
             _unpack_npz(out, images_dir, cfg.num_samples)
+            _remove_incomplete(images_dir, cfg.num_samples)
     barrier()  # source.json and any unpacked PNGs exist before the ranks look for gaps
-    todo = list(range(cfg.num_samples)) if is_points else missing_indices(images_dir,
-                                                                          cfg.num_samples)
-    # Ranks split image work by sample index; a point cloud is one file, made by rank 0.
-    mine = (todo if runtime.is_main else []) if is_points else todo[runtime.rank::runtime.world_size]
-    done_before = cfg.num_samples - len(todo)
+    done = set() if is_points else {i for i in existing_indices(images_dir) if i < cfg.num_samples}
+    todo_count = cfg.num_samples - len(done)
+    # Ranks split image work by sample index; a point cloud is one file, made by rank 0. The
+    # indices are a stream, never a list of num_samples.
+    if is_points:
+        mine_count = cfg.num_samples if runtime.is_main else 0
+        mine = iter(range(mine_count))
+    else:
+        mine = _my_indices(cfg.num_samples, done, runtime.rank, runtime.world_size)
+        mine_count = len(range(runtime.rank, todo_count, runtime.world_size))
+    done_before = cfg.num_samples - todo_count
     writer = None if is_points else PNGWriter(images_dir)
     points: list[Tensor] = []
     nfe_seen: list[Tensor] = []
@@ -193,12 +221,12 @@ def _sample_run(spec: RunSpec, run_dir: Path, claim: RunClaim, runtime: Runtime
         # Ctrl-C/SIGTERM stop after the batch in flight, as the training jobs do, also when
         # the process was started with SIGINT ignored (a background job of a script).
         with stop_requests() as stop, ProgressBar(
-                "sample", done_before + len(mine), completed=done_before,
-                enabled=runtime.is_main, unit="samples") as bar:
-            for start in range(0, len(mine), cfg.batch_size):
+                "sample", done_before + mine_count, completed=done_before,
+                enabled=runtime.is_main, unit="sample", rate_unit="samples") as bar:
+            made = 0
+            while indices := list(itertools.islice(mine, cfg.batch_size)):
                 if stop["stop"]:
                     raise KeyboardInterrupt
-                indices = mine[start:start + cfg.batch_size]
                 draws = noise_for_indices(indices, (1 + fresh_steps, *shape), spec.seed)
                 noise = runtime.place_batch(draws[:, 0])
                 fresh = draws[:, 1:].to(runtime.device) if fresh_steps else None
@@ -210,9 +238,8 @@ def _sample_run(spec: RunSpec, run_dir: Path, claim: RunClaim, runtime: Runtime
                     points.append(x.float().cpu())
                 else:
                     writer.write(indices, to_uint8(x))
-                made = start + len(indices)
-                rate = made / (time.perf_counter() - began)
-                bar.update(done_before + made, f"{rate:.1f} samples/s")
+                made += len(indices)
+                bar.update(done_before + made)
     except KeyboardInterrupt:
         if writer is not None:
             writer.close()  # what was made is on disk before we say so
@@ -225,21 +252,21 @@ def _sample_run(spec: RunSpec, run_dir: Path, claim: RunClaim, runtime: Runtime
     if int(nonfinite):
         log.warning("%d of the %d samples made now were not finite (NaN or inf: the model's "
                     "weights or its solver diverged); they were written clamped", int(nonfinite),
-                    len(mine))
+                    mine_count)
     seconds = time.perf_counter() - began
     nfe_all = torch.cat(nfe_seen).double() if nfe_seen else None
     role = "student" if isinstance(model, Student) else "teacher"
     summary: dict[str, Any] = {
         "job": "sample", "model": str(run_dir), "role": role,
         "checkpoint": source["checkpoint"], "num_samples": cfg.num_samples,
-        "made_now": len(mine),
+        "made_now": mine_count,
         # Network evaluations per sample: exact for students and fixed-step solvers; for RK45
         # the mean (and max) over the samples made now (each sample has its own step sizes).
         "nfe": _fixed_nfe(model, cfg) if not (role == "teacher" and cfg.solver == "rk45") else (
             round(float(nfe_all.mean()), 2) if nfe_all is not None else None),
         "nfe_max": int(nfe_all.max()) if nfe_all is not None else None,
         "seconds": round(seconds, 3),
-        "samples_per_s": round(len(mine) / seconds, 2) if mine else None,
+        "samples_per_s": round(mine_count / seconds, 2) if mine_count else None,
         "solver": None if role == "student" else cfg.solver,
         "nonfinite_samples": int(nonfinite),
         "out": str(out)}
@@ -255,26 +282,92 @@ def _sample_run(spec: RunSpec, run_dir: Path, claim: RunClaim, runtime: Runtime
     return summary
 
 
+def _my_indices(count: int, done: set[int], rank: int, world_size: int) -> Iterator[int]:
+    """This rank's share of the indices in [0, count) without a finished PNG, in order."""
+    todo = (i for i in range(count) if i not in done)
+    return itertools.islice(todo, rank, None, world_size)
+
+
+def _remove_incomplete(images_dir: Path, count: int) -> None:
+    """Delete sample PNGs that are not whole (a disk that filled up, a crash before the data
+    reached the disk), so that they are made again rather than trusted."""
+    found = sorted(i for i in existing_indices(images_dir) if i < count)
+    bad = incomplete_pngs(images_dir, found)
+    for i in bad:
+        sample_path(images_dir, i).unlink(missing_ok=True)
+    if bad:
+        log.warning("%d sample PNGs in %s were incomplete (e.g. %s); making them again", len(bad),
+                    images_dir, sample_path(images_dir, bad[0]).name)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB"
+
+
+def check_room(out: Path, cfg: SampleSpec, shape: tuple[int, ...], is_points: bool,
+               missing: int) -> None:
+    """Refuse up front what cannot fit: the bytes and files `missing` more samples need at the
+    least (a PNG cannot beat deflate's ~1032:1, and takes a block of the file system) against
+    the space and inodes free under out, and the memory one batch or a point cloud takes."""
+    budget = memory_budget()
+    per_sample = 4 * math.prod(shape)  # float32 noise or points
+    fresh = cfg.nfe if cfg.gamma > 0 else 1
+    if budget is not None and cfg.batch_size * per_sample * fresh > budget:
+        raise SpecError(f"sample.batch_size: {cfg.batch_size:,} samples of {list(shape)} need "
+                        f"{_gb(cfg.batch_size * per_sample * fresh)} of noise alone, more than "
+                        f"the {_gb(budget)} of memory free; lower sample.batch_size")
+    if is_points and budget is not None and 2 * missing * per_sample > budget:
+        raise SpecError(f"sample.num_samples: {missing:,} points need {_gb(2 * missing * per_sample)} "
+                        f"of memory, more than the {_gb(budget)} free; lower sample.num_samples")
+    if missing <= 0:
+        return
+    try:
+        fs = os.statvfs(out)
+    except (AttributeError, OSError):  # no statvfs (Windows): a full disk is caught as it happens
+        return
+    if is_points:
+        need, files = missing * per_sample, 0
+    else:
+        channels, height, width = shape
+        png = 57 + math.ceil(height * (width * channels + 1) / 1032)
+        block = fs.f_frsize or 1
+        if fs.f_files:  # an inode file system (ext4, xfs, tmpfs): each file takes whole blocks
+            png = math.ceil(png / block) * block
+        need, files = missing * png, missing
+        if cfg.format in ("npz", "both"):
+            need += cfg.num_samples * channels * height * width
+    free_bytes, free_files = fs.f_bavail * fs.f_frsize, fs.f_favail
+    if need > free_bytes or (fs.f_files and files > free_files):
+        what = f"{_gb(need)}" + (f" and {files:,} files" if files else "")
+        room = f"{_gb(free_bytes)}" + (f" and {free_files:,} files" if fs.f_files else "")
+        raise SpecError(f"sample.num_samples: {missing:,} more samples need at least {what} in "
+                        f"{out}, which has {room} free; free space there, choose another --out, "
+                        "or lower sample.num_samples")
+
+
 def _fixed_nfe(model: Teacher | Student, cfg: SampleSpec) -> int:
     if isinstance(model, Student):
         return cfg.nfe
-    return EVALS_PER_STEP[cfg.solver] * cfg.steps
+    return teacher_nfe(cfg.solver, cfg.steps, model.sigma_range)
 
 
 def _finish_images(out: Path, images_dir: Path, cfg: SampleSpec,
                    num_classes: int) -> dict[str, Any]:
     """grid.png and (--format npz|both) samples.npz from the PNGs; npz alone drops the PNGs."""
     made: dict[str, Any] = {"images": str(images_dir)}
-    if cfg.grid:
+    if cfg.write_grid:
         save_image(out / "grid.png", image_grid(read_pngs(images_dir, min(GRID_COUNT,
                                                                            cfg.num_samples))))
         made["grid"] = str(out / "grid.png")
     if cfg.format in ("npz", "both"):
-        arrays = {"images": read_pngs(images_dir, cfg.num_samples)}
+        first = read_pngs(images_dir, 1)  # [1, H, W, C]: the shape every sample has
+        labels = {}
         if num_classes:
             indices = list(range(cfg.num_samples))
-            arrays["labels"] = class_labels(indices, cfg, num_classes, torch.device("cpu")).numpy()
-        save_npz(out / "samples.npz", **arrays)
+            labels["labels"] = class_labels(indices, cfg, num_classes, torch.device("cpu")).numpy()
+        # Streamed from the PNGs: memory holds a few hundred images, whatever num_samples is.
+        save_npz_rows(out / "samples.npz", "images", (cfg.num_samples, *first.shape[1:]),
+                      np.uint8, png_rows(images_dir, cfg.num_samples), **labels)
         made["npz"] = str(out / "samples.npz")
     if cfg.format == "npz":
         shutil.rmtree(images_dir)
@@ -287,10 +380,14 @@ def _unpack_npz(out: Path, images_dir: Path, count: int) -> None:
     path = out / "samples.npz"
     if not path.is_file() or existing_indices(images_dir):
         return
-    with np.load(path) as archive:
-        if "images" not in archive:
-            return
-        images = archive["images"][:count]
+    try:
+        images = load_npz(path, ["images"]).get("images")
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as err:
+        raise SpecError(f"--out: {path} is not readable ({one_line(err)}); remove it to make the "
+                        "samples again, or choose another --out") from None
+    if images is None or images.dtype != np.uint8 or images.ndim != 4:
+        return
+    images = images[:count]
     with PNGWriter(images_dir) as writer:
         writer.write(list(range(len(images))), images)
 

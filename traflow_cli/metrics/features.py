@@ -2,19 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from contextvars import ContextVar
+from typing import Protocol
 
 import numpy as np
 import torch
 import torchvision.transforms
-from cleanfid.fid import get_batch_features, get_files_features
+from cleanfid.fid import get_batch_features
 from cleanfid.resize import build_resizer
+from cleanfid.utils import ResizeDataset
 from torch import nn
 
 from traflow_cli.data.images.decode import READ_ERRORS
-from traflow_cli.errors import one_line
-from traflow_cli.metrics.frechet import FIDError
+from traflow_cli.errors import FIDError, one_line
 from traflow_cli.metrics.image_sets import ImageSet, find_unreadable
+
+
+class Progress(Protocol):
+    def update(self, completed: int) -> None: ...
+
+
+# (title, number of images) -> a context manager giving a Progress, e.g. the engine's
+# ProgressBar: how extract_features reports, set by the job that runs it (the metrics know
+# nothing of the engine); None, the default, is silent.
+ProgressFactory = Callable[[str, int], AbstractContextManager[Progress]]
+_progress: ContextVar[ProgressFactory | None] = ContextVar("feature_progress", default=None)
+
+
+@contextlib.contextmanager
+def feature_progress(factory: ProgressFactory | None) -> Iterator[None]:
+    """Within this block, extract_features reports its images done through `factory`."""
+    token = _progress.set(factory)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
 
 
 class _ArrayImages(torch.utils.data.Dataset):
@@ -52,6 +78,9 @@ def extract_features(
 ) -> np.ndarray:
     """Inception features of every image, through clean-fid's loading and resizing.
 
+    The loop is clean-fid's `get_files_features` (its ResizeDataset in a DataLoader, then
+    `get_batch_features`), with traflow's progress on stderr in place of its tqdm bar.
+
     Args:
         images: from ``open_image_set``.
         model: from ``load_inception(..., mode=mode)``.
@@ -66,28 +95,27 @@ def extract_features(
     Raises:
         FIDError: when an image cannot be decoded (naming it, with its folder or zip).
     """
+    if images.array is not None:
+        dataset: torch.utils.data.Dataset = _ArrayImages(images.array, mode)
+    else:
+        # For zips clean-fid reads members of fdir; for folders files are full paths.
+        dataset = ResizeDataset(images.files, fdir=str(images.path) if images.kind == "zip"
+                                else None, mode=mode)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         drop_last=False, num_workers=num_workers)
+    batches: list[np.ndarray] = []
+    done = 0
+    title = "fid-" + images.what.split()[0]  # fid-samples, fid-reference
+    factory = _progress.get()
+    report = factory(title, len(images)) if factory else contextlib.nullcontext(None)
     try:
-        with torch.inference_mode():
-            if images.array is not None:
-                loader = torch.utils.data.DataLoader(
-                    _ArrayImages(images.array, mode),
-                    batch_size=batch_size,
-                    shuffle=False,
-                    num_workers=num_workers,
-                )
-                feats = np.concatenate([get_batch_features(b, model, device) for b in loader])
-            else:
-                feats = get_files_features(
-                    images.files,
-                    model,
-                    num_workers=num_workers,
-                    batch_size=batch_size,
-                    device=device,
-                    mode=mode,
-                    # For zips clean-fid reads members of fdir; for folders files are full paths.
-                    fdir=str(images.path) if images.kind == "zip" else None,
-                    verbose=False,
-                )
+        with torch.inference_mode(), report as bar:
+            for batch in loader:
+                batches.append(get_batch_features(batch, model, device))
+                done += len(batch)
+                if bar is not None:
+                    bar.update(done)
+        feats = np.concatenate(batches)
     except READ_ERRORS as exc:
         # clean-fid's loader does not say which file failed: find it (costs a pass only now).
         culprit = find_unreadable(images)

@@ -21,8 +21,9 @@ from pathlib import Path
 import cleanfid
 import torch
 
+from traflow_cli.errors import FIDError
 from traflow_cli.metrics.features import extract_features, feature_stats
-from traflow_cli.metrics.frechet import FIDError, frechet_distance
+from traflow_cli.metrics.frechet import frechet_distance
 from traflow_cli.metrics.image_sets import ImageSet, open_image_set
 from traflow_cli.metrics.inception import FID_MODES, InceptionInfo, check_mode, load_inception
 from traflow_cli.metrics.reference import (

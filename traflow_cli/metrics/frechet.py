@@ -15,15 +15,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from traflow_cli.errors import UserError
-
-
-class FIDError(UserError, ValueError):
-    """A user-facing FID failure, carrying a single-line message meant to be shown as is.
-
-    Defined in this lowest-level metrics module so that every other metrics module can raise it
-    without import cycles; ``traflow_cli.metrics.fid`` re-exports it.
-    """
+# Defined with the other error types; imported from here too by older code.
+from traflow_cli.errors import FIDError
 
 
 def _as_stats(mu: np.ndarray, sigma: np.ndarray, which: str) -> tuple[np.ndarray, np.ndarray]:

@@ -44,7 +44,7 @@ from cleanfid.inception_pytorch import InceptionV3
 from cleanfid.inception_torchscript import InceptionV3W
 from torch import nn
 
-from traflow_cli.metrics.frechet import FIDError
+from traflow_cli.errors import FIDError
 
 __all__ = [
     "FID_MODES",

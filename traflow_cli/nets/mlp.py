@@ -35,6 +35,10 @@ class MLPVelocity(nn.Module):
     its last linear map starts at zero, so a student loaded from a teacher computes v(x, t).
     """
 
+    # A rectified flow, defined on all of t in [0, 1]; an EDM network (nets/edm.py) has the
+    # noise range (sigma_lo, sigma_hi) it is evaluated in. Every network says which it is.
+    sigma_range: tuple[float, float] | None = None
+
     def __init__(self, *, dim: int = 2, hidden: int = 256, depth: int = 3, time_dim: int = 64,
                  target_time: bool = False) -> None:
         super().__init__()

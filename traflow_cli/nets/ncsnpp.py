@@ -188,6 +188,9 @@ class NCSNpp(nn.Module):
     output GroupNorm and the output conv.
     """
 
+    # A rectified flow, defined on all of t in [0, 1] (see MLPVelocity.sigma_range).
+    sigma_range: tuple[float, float] | None = None
+
     def __init__(
         self,
         *,
