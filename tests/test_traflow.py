@@ -14,6 +14,7 @@ from traflow_cli.nets import build_net, student_from_teacher
 from traflow_cli.traflow import (
     TeacherSolve,
     TraFlowConfig,
+    cell_time,
     draw_times,
     jump,
     jump_derivative,
@@ -114,7 +115,8 @@ def test_grid_draw_respects_ctm_constraints_and_weights_k_by_size() -> None:
     assert torch.allclose(freq, expected, atol=3e-3)
 
 
-def _straight_case(b_student: torch.Tensor, config: TraFlowConfig, grid_steps: int = 6):
+def _straight_case(b_student: torch.Tensor, config: TraFlowConfig, grid_steps: int = 6,
+                   online: nn.Module | None = None):
     b_teacher = torch.tensor([1.5, -0.5])
     teacher = lambda x, t: b_teacher.expand_as(x)  # noqa: E731
     student = ConstantVelocity(b_student)
@@ -123,9 +125,45 @@ def _straight_case(b_student: torch.Tensor, config: TraFlowConfig, grid_steps: i
     noise = torch.randn(64, 2, generator=gen)
     data = noise + b_teacher
     grid = time_grid(grid_steps)
+    times = draw_times(grid, 64, gen, jittered=config.consistency_times == "jittered")
     return traflow_loss(student, target, teacher, noise, config=config, grid=grid,
-                        times=draw_times(grid, 64, gen), data=data,
-                        last_layer=student.output_layer.weight)
+                        times=times, data=data, last_layer=student.output_layer.weight,
+                        online=online)
+
+
+OPTIONS = [{}, {"consistency_times": "jittered"}, {"vel_target": "tangent"},
+           {"sc_inner": "online"}, {"distance": "pseudo_huber", "huber_c": 0.00054},
+           {"consistency_times": "jittered", "vel_target": "tangent", "sc_inner": "online"}]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "default")
+def test_every_option_keeps_the_straight_teacher_a_fixed_point(options: dict) -> None:
+    """Each option changes where the targets come from, not what the exact map satisfies: at the
+    straight teacher every term is zero, and a student off it is seen by every term."""
+    exact = _straight_case(torch.tensor([1.5, -0.5]), TraFlowConfig(**options))
+    off = _straight_case(torch.tensor([1.0, 0.0]), TraFlowConfig(**options))
+    for name in ("out", "sc", "vel"):
+        assert float(exact.terms[name]) < 1e-10, name
+        assert float(off.terms[name]) > 1e-4, name
+
+
+def test_the_online_inner_jump_moves_the_sc_target_and_the_ema_one_does_not() -> None:
+    """sc_inner="online": G(Phi(x_t, t -> u), u, s) by the online weights (CTM), so a target
+    network that lags the student changes L_sc's target only through the carry to the data end."""
+    lagging = ConstantVelocity(torch.tensor([1.0, 0.0])).requires_grad_(False)
+    teacher, grid = (lambda x, t: torch.tensor([1.5, -0.5]).expand_as(x)), time_grid(6)
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    times = draw_times(grid, 64, torch.Generator().manual_seed(2))
+    solve = solve_teacher(teacher, noise, grid, times, config=TraFlowConfig())
+    online = ConstantVelocity(torch.tensor([1.5, -0.5]))
+    ends = {}
+    for inner in ("target", "online"):
+        ends[inner] = traflow_targets(lagging, solve, noise, grid, times,
+                                      config=TraFlowConfig(sc_inner=inner), online=online).end_sc
+    assert not torch.allclose(ends["target"], ends["online"])
+    # With the online inner jump, the sc target is the out target (the online map is exact).
+    out = traflow_targets(lagging, solve, noise, grid, times, config=TraFlowConfig())
+    assert torch.allclose(ends["online"], out.end_out, atol=1e-6)
 
 
 def test_every_term_vanishes_when_the_student_is_the_straight_teacher() -> None:
@@ -146,10 +184,34 @@ def test_every_term_sees_a_student_that_is_off_the_teacher() -> None:
 
 
 @pytest.mark.parametrize("off", ["w_out", "w_vel", "w_sc"])
-def test_a_term_with_weight_zero_is_neither_computed_nor_logged(off: str) -> None:
-    config = TraFlowConfig(**{off: 0.0})
+def test_a_term_with_weight_zero_is_not_logged_and_leaves_the_total(off: str) -> None:
+    config = TraFlowConfig(**{off: 0.0}, lambda_vel=1.0)
     loss = _straight_case(torch.tensor([1.0, 0.0]), config)
     assert off.removeprefix("w_") not in loss.terms
+    kept = sum(float(v) for k, v in loss.terms.items() if k != "lambda_vel")
+    assert float(loss.total.detach()) == pytest.approx(kept, rel=1e-6)
+
+
+def test_switching_terms_off_skips_their_network_passes() -> None:
+    """w_vel = 0 drops the derivative's pass of the student; w_out = w_sc = 0 drops the jump and
+    every G^- pass: a weight of zero saves its cost, not only its gradient."""
+    teacher, student, target = _off_teacher_student()
+    grid, noise = time_grid(6), torch.randn(32, 2)
+    times = draw_times(grid, 32, torch.Generator().manual_seed(9))
+    calls = {"student": 0, "target": 0}
+    student.register_forward_pre_hook(lambda m, a: calls.__setitem__("student", calls["student"] + 1))
+    target.register_forward_pre_hook(lambda m, a: calls.__setitem__("target", calls["target"] + 1))
+
+    def passes(**weights: float) -> dict[str, int]:
+        calls.update(student=0, target=0)
+        traflow_loss(student, target, teacher, noise, config=TraFlowConfig(**weights), grid=grid,
+                     times=times, last_layer=student.output_layer.weight)
+        return dict(calls)
+
+    every = passes()
+    assert passes(w_vel=0.0)["student"] == every["student"] - 1
+    no_consistency = passes(w_out=0.0, w_sc=0.0)
+    assert no_consistency == {"student": 1, "target": 0}
 
 
 def test_cached_teacher_trajectory_gives_the_same_loss_as_solving_it() -> None:
@@ -166,7 +228,7 @@ def test_cached_teacher_trajectory_gives_the_same_loss_as_solving_it() -> None:
         assert torch.allclose(a.terms[name], b.terms[name]), name
 
 
-def test_data_start_and_fixed_lambda_run_and_stay_finite() -> None:
+def test_data_start_and_a_fixed_lambda_weigh_the_terms_as_given() -> None:
     teacher, student = _pair()
     target = copy.deepcopy(student).requires_grad_(False)
     config = TraFlowConfig(start="data", w_fm=0.5, lambda_vel=2.0, distance="pseudo_huber",
@@ -175,8 +237,13 @@ def test_data_start_and_fixed_lambda_run_and_stay_finite() -> None:
     loss = traflow_loss(student, target, teacher, torch.randn(16, 2), config=config, grid=grid,
                         times=draw_times(grid, 16, gen), data=torch.randn(16, 2))
     assert float(loss.terms["lambda_vel"]) == 2.0
-    assert torch.isfinite(loss.total)
+    # A fixed lambda weighs L_vel as given: total = out + sc + 2 vel + 0.5 fm.
+    t = loss.terms
+    assert float(loss.total) == pytest.approx(
+        float(t["out"] + t["sc"] + 2.0 * t["vel"] + 0.5 * t["fm"]), rel=1e-6)
+    student.zero_grad(set_to_none=True)
     loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
 
 
 def test_every_traflow_config_field_is_a_distill_spec_field_with_the_same_default() -> None:
@@ -235,17 +302,45 @@ def test_a_grid_that_starts_above_zero_bounds_every_time_and_starts_the_solve_th
     assert torch.isfinite(loss.total)
 
 
-def test_a_uniform_grid_draws_what_it_always_drew() -> None:
-    """The grid's first time enters the draw only above 0: runs made before it are unchanged."""
-    gen = torch.Generator().manual_seed(6)
-    times = draw_times(time_grid(9), 32, gen)
-    gen = torch.Generator().manual_seed(6)
-    i, k, j = sample_grid_indices(9, 32, gen)
-    r = torch.rand(32, generator=gen)
-    s_vel = r + (1 - r) * torch.rand(32, generator=gen)
-    t_fm = 1e-3 + (1 - 1e-3) * torch.rand(32, generator=gen)
-    for name, value in dict(i=i, k=k, j=j, r=r, s_vel=s_vel, t_fm=t_fm).items():
-        assert torch.equal(getattr(times, name), value), name
+# draw_times(time_grid(9), 5, seed 6) as every earlier version drew it: a resumed or repeated
+# run must see the same times, so a change to the draw (or to what it draws first) shows here.
+RECORDED_DRAW = {
+    "i": [0, 0, 0, 3, 0], "k": [7, 9, 9, 6, 7], "j": [9, 9, 9, 9, 7],
+    "r": [0.164204, 0.28332, 0.385819, 0.833748, 0.617322],
+    "s_vel": [0.492113, 0.417914, 0.900174, 0.868811, 0.781167],
+    "t_fm": [0.497916, 0.034987, 0.883815, 0.095599, 0.77966],
+}
+
+
+@pytest.mark.parametrize("jittered", [False, True])
+def test_a_uniform_grid_draws_what_it_always_drew(jittered: bool) -> None:
+    """The grid's first time enters the draw only above 0, and the jitter is drawn last: runs
+    made before either are unchanged."""
+    times = draw_times(time_grid(9), 5, torch.Generator().manual_seed(6), jittered=jittered)
+    for name, recorded in RECORDED_DRAW.items():
+        value = getattr(times, name)
+        assert torch.allclose(value.double(), torch.tensor(recorded, dtype=torch.float64),
+                              atol=1e-6), name
+    assert (times.jitter is not None) == jittered
+
+
+@pytest.mark.parametrize("grid", [time_grid(12), torch.linspace(0.05, 1.0, 9) ** 1.5])
+def test_jittered_times_stay_in_their_cells_and_in_order(grid: torch.Tensor) -> None:
+    """Interior points move within the cell between the midpoints with their neighbours; the
+    first and last points stay; t < u <= s survives, and u = s where they shared a grid point."""
+    times = draw_times(grid, 20_000, torch.Generator().manual_seed(11), jittered=True)
+    i, u_index, j = times.i, times.i + times.k, times.j
+    t, u = cell_time(grid, i, times.jitter[0]), cell_time(grid, u_index, times.jitter[1])
+    s = torch.where(u_index == j, u, cell_time(grid, j, times.jitter[2]))
+    assert bool((t < u).all()) and bool((u <= s).all())
+    assert torch.equal(t[i == 0], grid[0].expand(int((i == 0).sum())))
+    assert bool((s[j == len(grid) - 1] == 1.0).all())
+    inner = (i > 0) & (i < len(grid) - 1)
+    mid_low = (grid[i - 1] + grid[i]) / 2
+    mid_high = (grid[i] + grid[(i + 1).clamp(max=len(grid) - 1)]) / 2
+    assert bool((t[inner] >= mid_low[inner]).all()) and bool((t[inner] < mid_high[inner]).all())
+    # The grid points themselves are hit with probability 0: the student sees continuous times.
+    assert int(torch.isin(t[inner], grid).sum()) == 0
 
 
 def test_a_jump_to_its_own_time_skips_the_network_and_passes_gradients_unchanged() -> None:
@@ -302,6 +397,29 @@ def test_adaptive_lambda_and_its_shared_backward_equal_the_plain_gradients() -> 
     assert lam == pytest.approx(float(g_cons.norm() / g_vel.norm()), rel=1e-4)
     for a, b1, b2 in zip(got, one, two, strict=True):
         assert torch.allclose(a, b1 + (lam - 1.0) * (b2 - b1), rtol=1e-4, atol=1e-7)
+
+
+def test_total_backward_is_the_loss_gradient_with_the_adaptive_lambda() -> None:
+    """The adaptive lambda takes the consistency gradient once and frees G^-'s graph; the total
+    still has the loss's value and `loss.total.backward()` its gradient, as `loss.backward()`."""
+    teacher, student, target = _off_teacher_student()
+    grid, noise = time_grid(6), torch.randn(64, 2)
+    times = draw_times(grid, 64, torch.Generator().manual_seed(7))
+
+    def loss():
+        torch.manual_seed(0)
+        return traflow_loss(student, target, teacher, noise, config=TraFlowConfig(), grid=grid,
+                            times=times, last_layer=student.output_layer.weight)
+
+    first = loss()
+    value = sum(float(first.terms[k]) for k in ("out", "sc"))
+    value += float(first.terms["lambda_vel"]) * float(first.terms["vel"])
+    assert float(first.total.detach()) == pytest.approx(value, rel=1e-6)
+    student.zero_grad(set_to_none=True)
+    first.total.backward()
+    by_total = [p.grad.clone() for p in student.parameters()]
+    assert torch.allclose(torch.cat([g.flatten() for g in by_total]),
+                          torch.cat([g.flatten() for g in _gradients(student, loss())]))
 
 
 def test_vel_every_puts_the_velocity_term_on_every_nth_row_of_the_global_batch() -> None:

@@ -29,6 +29,15 @@ PositiveFloat = Annotated[float, Field(strict=True, gt=0)]
 NonNegativeFloat = Annotated[float, Field(strict=True, ge=0)]
 Unit = Annotated[float, Field(strict=True, ge=0.0, lt=1.0)]
 Flag = Annotated[bool, Field(strict=True)]
+# Upper bounds where a larger value would only allocate or loop without end (a batch of 1e9,
+# --nfe 99999999999999999999): refused at validation, one line naming the field.
+MAX_BATCH = 1 << 20
+MAX_EVALS = 10_000  # student jumps per sample
+MAX_SOLVER_STEPS = 100_000  # teacher ODE steps per sample
+MAX_SAMPLES = 100_000_000
+BatchSize = Annotated[int, Field(strict=True, gt=0, le=MAX_BATCH)]
+Evals = Annotated[int, Field(strict=True, gt=0, le=MAX_EVALS)]
+SolverSteps = Annotated[int, Field(strict=True, gt=0, le=MAX_SOLVER_STEPS)]
 OnOff = Literal["auto", "on", "off"]
 
 
@@ -67,7 +76,19 @@ class DataSpec(Section):
 
     @property
     def is_toy(self) -> bool:
-        return self.name in TOY_DATASETS
+        return is_toy_data(self)
+
+
+def is_toy_data(data: DataSpec | dict[str, Any] | Any) -> bool:
+    """The one toy-vs-image rule: the data section names an exact 2-D distribution
+    (TOY_DATASETS), not images. Takes a validated DataSpec or a raw `data` section as a preset
+    or --set gives it, before validation (a missing name is the default's; a section that is
+    not a table counts as the default too: validation reports it)."""
+    if isinstance(data, DataSpec):
+        name = data.name
+    else:
+        name = data.get("name") if isinstance(data, dict) else None
+    return (DataSpec.model_fields["name"].default if name is None else name) in TOY_DATASETS
 
 
 class MLPNetSpec(Section):
@@ -186,7 +207,7 @@ _UNION_TAGS = {"net": ("mlp", "ncsnpp", "edm"), "precond": ("edm", "vp", "ve"),
 class TrainingSpec(Section):
     """Optimiser, duration and bookkeeping shared by teacher training and distillation."""
 
-    batch_size: PositiveInt = 512
+    batch_size: BatchSize = 512
     lr: PositiveFloat = 1e-3
     betas: tuple[Unit, Unit] = (0.9, 0.999)
     weight_decay: NonNegativeFloat = 0.0
@@ -209,12 +230,22 @@ class TeacherSpec(TrainingSpec):
     t_eps: Unit = 1e-3
 
 
+class ReflowSpec(TeacherSpec):
+    """2-rectified flow (METHOD.md, "reflow"): a new teacher trained from its parent's weights
+    on pairs (noise, Phi(noise, 0 -> 1)) of the parent's ODE, x_t = t Phi + (1 - t) noise."""
+
+    parent: str | None = None
+    pairs: PositiveInt = 10_000     # noises solved once by the parent, then reused every epoch
+    solver: Literal["heun", "euler"] = "heun"
+    solver_steps: PositiveInt = 100  # Phi's steps on a uniform grid: the pairs' accuracy
+
+
 class DistillSpec(TrainingSpec):
     """TraFlow distillation (METHOD.md); field names follow traflow.TraFlowConfig (derivative
     "auto" is resolved per runtime by jobs.distill.velocity_derivative)."""
 
     teacher: str | None = None
-    grid_steps: PositiveInt = 18
+    grid_steps: SolverSteps = 18
     teacher_solver: Literal["heun", "euler"] = "heun"
     # The teacher's time grid: "native" is the teacher run's own ("karras" for EDM imports,
     # "uniform" for rectified flows); Heun on an EDM teacher steps in EDM's coordinates.
@@ -233,6 +264,13 @@ class DistillSpec(TrainingSpec):
     derivative: Literal["jvp", "fd", "auto"] = "jvp"
     fd_step: PositiveFloat = 1e-4
     vel_every: PositiveInt = 1
+    # Consistency times on the grid points (CTM's draw) or moved within their cells
+    # ("jittered": continuous times, one extra teacher step from the nearest grid state).
+    consistency_times: Literal["grid", "jittered"] = "grid"
+    # L_vel's target: the chord x_hat - noise, or the teacher's velocity where the jump lands.
+    vel_target: Literal["chord", "tangent"] = "chord"
+    # L_sc's inner jump by G^- ("target") or by the online weights under stop-gradient (CTM).
+    sc_inner: Literal["target", "online"] = "target"
     target_ema: Unit = 0.9999
     trajectory_cache: NonNegativeInt = 0
     # Teacher solved every step (no cache): K consecutive rows share one noise and its solve,
@@ -252,6 +290,13 @@ class DistillSpec(TrainingSpec):
             if self.batch_size % self.draws_per_solve:
                 raise ValueError(f"draws_per_solve ({self.draws_per_solve}) must divide batch_size "
                                  f"({self.batch_size})")
+        if self.start == "data" and (self.consistency_times == "jittered"
+                                     or (self.vel_target == "tangent" and self.w_vel > 0)):
+            raise ValueError("consistency_times='jittered' and vel_target='tangent' step from the "
+                             "teacher's trajectory from noise; set start='teacher'")
+        if self.vel_target == "tangent" and self.vel_every > 1:
+            raise ValueError("vel_target='tangent' evaluates the teacher on every row; set "
+                             "vel_every=1")
         if self.lambda_clip[0] > self.lambda_clip[1]:
             raise ValueError("lambda_clip must be (low, high) with low <= high")
         return self
@@ -268,13 +313,13 @@ def check_teacher_run(path: str | None, flag: str = "distill.teacher") -> dict[s
 class SampleSpec(Section):
     """What `traflow sample` writes. Teacher runs use `solver`; students use `nfe`/`times`."""
 
-    nfe: PositiveInt = 1
-    num_samples: PositiveInt = 10_000
-    batch_size: PositiveInt = 500
+    nfe: Evals = 1
+    num_samples: Annotated[int, Field(strict=True, gt=0, le=MAX_SAMPLES)] = 10_000
+    batch_size: BatchSize = 500
     times: list[Annotated[float, Field(strict=True)]] | None = None
     gamma: Annotated[float, Field(strict=True, ge=0.0, le=1.0)] = 0.0
     solver: Literal["euler", "heun", "rk45"] = "euler"
-    steps: PositiveInt = 100
+    steps: SolverSteps = 100
     # Teacher: the grid its solver steps on; student: where its nfe jumps land. "native" is the
     # run's own (an EDM teacher's Karras grid; the grid a student was distilled on).
     time_grid: Literal["native", "uniform", "karras"] = "native"
@@ -282,7 +327,18 @@ class SampleSpec(Section):
     atol: PositiveFloat = 1e-5
     format: Literal["png", "npz", "both"] = "png"
     class_label: NonNegativeInt | None = None
-    grid: Flag = True
+    # Write grid.png (the first 64 samples); unrelated to time_grid.
+    write_grid: Flag = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, raw: Any) -> Any:
+        # Specs recorded before the rename (run folders' spec.json) call write_grid `grid`.
+        if isinstance(raw, dict) and "grid" in raw:
+            raw = dict(raw)
+            old = raw.pop("grid")
+            raw.setdefault("write_grid", old)
+        return raw
 
     @model_validator(mode="after")
     def _times_match_nfe(self) -> SampleSpec:
@@ -294,11 +350,12 @@ class SampleSpec(Section):
 class EvalSpec(Section):
     """Toy distances and image metrics: what `traflow eval` measures by default."""
 
-    num_samples: PositiveInt = 10_000
-    student_nfe: list[PositiveInt] = [1, 2, 4]
-    teacher_steps: list[PositiveInt] = [1, 2, 4, 100]
-    projections: PositiveInt = 1000
-    mmd_samples: PositiveInt = 4000
+    # Toy distances hold [num_samples, projections] float64 twice and mmd_samples^2 kernels.
+    num_samples: Annotated[int, Field(strict=True, gt=0, le=1_000_000)] = 10_000
+    student_nfe: list[Evals] = [1, 2, 4]
+    teacher_steps: list[SolverSteps] = [1, 2, 4, 100]
+    projections: Annotated[int, Field(strict=True, gt=0, le=10_000)] = 1000
+    mmd_samples: Annotated[int, Field(strict=True, gt=0, le=10_000)] = 4000
     fid_mode: Literal["legacy_tensorflow", "clean", "legacy_pytorch"] = "legacy_tensorflow"
     fid_reference: str | None = None
     fid_split: Literal["train", "test"] = "train"
@@ -307,9 +364,9 @@ class EvalSpec(Section):
 class BenchSpec(Section):
     """Throughput and latency measured by `traflow bench`."""
 
-    batch_size: PositiveInt = 256
-    student_nfe: list[PositiveInt] = [1, 2, 4]
-    teacher_steps: list[PositiveInt] = [1, 10, 100]
+    batch_size: BatchSize = 256
+    student_nfe: list[Evals] = [1, 2, 4]
+    teacher_steps: list[SolverSteps] = [1, 10, 100]
     rk45: Flag = True
     repeats: PositiveInt = 5
     warmup: NonNegativeInt = 1
@@ -326,6 +383,7 @@ class RunSpec(Section):
     net: NetSpec = MLPNetSpec()
     teacher: TeacherSpec = TeacherSpec()
     distill: DistillSpec = DistillSpec()
+    reflow: ReflowSpec = ReflowSpec()
     sample: SampleSpec = SampleSpec()
     eval: EvalSpec = EvalSpec()
     bench: BenchSpec = BenchSpec()

@@ -1,4 +1,4 @@
-"""TraFlow trajectory distillation: the objective of ../shared/METHOD.md, in plain PyTorch.
+"""TraFlow trajectory distillation: the objective of docs/METHOD.md, in plain PyTorch.
 
 Notation follows METHOD.md: t = 0 is noise, t = 1 is data; the student jumps with
 G(x_t, t, s) = x_t + (s - t) * u(x_t, t, s); G^- is the student with its target-EMA weights;
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from traflow_cli.flow import (
+    STEPPERS,
     TRAIN_EPS,
     Velocity,
     interpolate,
@@ -46,6 +47,7 @@ class TraFlowConfig:
     lambda_vel: float | str = "adaptive"  # "adaptive": the clipped gradient-norm ratio; or fixed
     lambda_clip: tuple[float, float] = (0.01, 10.0)
     distance: str = "l2"              # "l2" or "pseudo_huber"
+    # pseudo-Huber's c on the per-pixel mean: iCT's 0.00054 sqrt(d) on the sum is 0.00054 here.
     huber_c: float = 0.03
     derivative: str = "jvp"           # dG/ds by forward-mode AD ("jvp") or central difference ("fd")
     # The s features turn at up to 999 rad per unit time: at 1e-3 the difference is off by 0.7-2%
@@ -54,27 +56,40 @@ class TraFlowConfig:
     fd_step: float = 1e-4
     # A speed option that changes the estimator (measured in docs/PERFORMANCE.md):
     vel_every: int = 1                # L_vel on every vel_every-th row of the batch (1: all rows)
+    # Where the consistency terms' times t < u <= s lie: on the grid points ("grid", CTM's
+    # discrete draw), or each interior grid point moved uniformly within its cell ("jittered":
+    # the same index draw, continuous times; the teacher reaches them by one step from the grid
+    # state), so the student cannot learn each grid time on its own.
+    consistency_times: str = "grid"
+    # L_vel's target for dG(x, r, s)/ds: the chord x_hat - noise ("chord", TraFlow), or the
+    # teacher's velocity at the student's landing point, v(G(x_r, r, s), s), with x_r on the
+    # teacher's trajectory ("tangent": the Lagrangian condition, METHOD.md).
+    vel_target: str = "chord"
+    # L_sc's inner jump G(Phi(x_t, t -> u), u, s): by G^- ("target") or by the online weights
+    # under stop-gradient ("online", as CTM's code does); the carry to the data end stays G^-.
+    sc_inner: str = "target"
 
 
 @dataclass
 class TraFlowLoss:
-    """The scalar to minimise and each term, detached, for logging; differentiate it with
-    `backward()` (with the adaptive lambda, the consistency terms' gradient at the student's
-    jump was already taken once, and the backward reuses it instead of paying G^- again)."""
+    """The scalar to minimise and each term, detached, for logging. `total.backward()` (or
+    `backward()`) gives d total / d weights: with the adaptive lambda, the consistency terms'
+    gradient at the student's jump was already taken once (freeing G^-'s graph), and `total`
+    carries it as a surrogate of the same value and gradient (see `_with_jump_gradient`)."""
 
     total: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)
-    # (G(x_t, t, s) [B, ...], d consistency / d G [B, ...], the rest of the total []): set when
-    # the consistency gradient was taken ahead of the backward (adaptive_lambda).
-    split: tuple[Tensor, Tensor, Tensor] | None = None
 
     def backward(self) -> None:
-        """d total / d weights into the weights' .grad, as total.backward() would."""
-        if self.split is None:
-            self.total.backward()
-            return
-        student_jump, jump_grad, rest = self.split
-        torch.autograd.backward([student_jump, rest], [jump_grad, torch.ones_like(rest)])
+        """d total / d weights into the weights' .grad."""
+        self.total.backward()
+
+
+def _with_jump_gradient(value: Tensor, student_jump: Tensor, jump_grad: Tensor) -> Tensor:
+    """A scalar equal to `value` whose gradient is jump_grad pulled back through G(x_t, t, s):
+    <G, g> - sg[<G, g>] adds 0 to the value and g dG/dweights to the gradient."""
+    inner = (student_jump * jump_grad).sum()
+    return value.detach() + (inner - inner.detach())
 
 
 def call_net(net: nn.Module, x: Tensor, t: Tensor, s: Tensor | None = None,
@@ -104,14 +119,21 @@ def jump_rows(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | 
 def jump_derivative(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None = None,
                     *, method: str = "jvp", fd_step: float = 1e-4) -> Tensor:
     """dG(x, t, s)/ds = u + (s - t) du/ds, image-shaped [B, ...] (METHOD.md, target 2)."""
+    return jump_and_derivative(net, x, t, s, labels, method=method, fd_step=fd_step)[1]
+
+
+def jump_and_derivative(net: nn.Module, x: Tensor, t: Tensor, s: Tensor,
+                        labels: Tensor | None = None, *, method: str = "jvp",
+                        fd_step: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """(G(x, t, s), dG/ds), both [B, ...]. By "fd", G is the mean of the two differenced jumps
+    (off by O(fd_step^2)); the derivative stays differentiable in the weights either way."""
     if method == "jvp":
-        # Forward mode, tangent 1 on s: one pass gives the per-sample derivative, and the result
-        # stays differentiable with respect to the network's weights.
+        # Forward mode, tangent 1 on s: one pass gives the jump and its per-sample derivative.
         def along_s(s_: Tensor) -> Tensor:
             return jump(net, x, t, s_, labels)
 
-        _, derivative = torch.func.jvp(along_s, (s,), (torch.ones_like(s),))
-        return derivative
+        landing, derivative = torch.func.jvp(along_s, (s,), (torch.ones_like(s),))
+        return landing, derivative
     if method == "fd":
         # Two plain passes (2.6x cheaper than forward mode through a U-Net on a CPU); float32
         # only: in bf16 or TF32 the difference of two jumps 2 * fd_step apart is rounding noise.
@@ -121,7 +143,7 @@ def jump_derivative(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Ten
         moves = (per_sample(both_s - torch.cat([t, t]), x)
                  * call_net(net, torch.cat([x, x]), torch.cat([t, t]), both_s, _repeat(labels)))
         ahead, behind = moves.chunk(2)
-        return (ahead - behind) / (2 * fd_step)
+        return x + 0.5 * (ahead + behind), (ahead - behind) / (2 * fd_step)
     raise ValueError(f"derivative must be 'jvp' or 'fd', got {method!r}")
 
 
@@ -149,17 +171,24 @@ class TimeDraw:
     s_vel: Tensor  # [B] jump target for L_vel, r <= s_vel <= 1
     t_fm: Tensor   # [B] time of the flow-matching anchor
     vel: Tensor    # [B] bool: the rows that carry L_vel (every vel_every-th of the global batch)
+    # consistency_times="jittered": where in its grid cell each of tau_i, tau_(i+k), tau_j moves
+    # [3, B] in [0, 1) (0.5 is the grid point itself); None on the grid.
+    jitter: Tensor | None = None
 
     def rows(self, index: slice | Tensor) -> TimeDraw:
         """The draw for a subset of the batch (a rank's share under DDP)."""
-        return TimeDraw(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
+        return TimeDraw(**{name: None if getattr(self, name) is None else
+                           getattr(self, name)[..., index] if name == "jitter" else
+                           getattr(self, name)[index] for name in self.__dataclass_fields__})
 
 
 def draw_times(grid: Tensor, batch: int, generator: torch.Generator, *,
-               vel_every: int = 1) -> TimeDraw:
+               vel_every: int = 1, jittered: bool = False) -> TimeDraw:
     """Draw every time of a TraFlow loss for a batch from one generator, on the teacher's grid
     [N + 1] (pass it on the host: its first time is read). Every time lies in [grid[0], 1].
-    Rows 0, vel_every, 2 vel_every, ... of the batch carry L_vel (the draw is the same)."""
+    Rows 0, vel_every, 2 vel_every, ... of the batch carry L_vel (the draw is the same).
+    `jittered` draws the consistency times' positions within their cells last, so the draw on
+    the grid is the same with and without it."""
     i, k, j = sample_grid_indices(len(grid) - 1, batch, generator)
     dev = generator.device
     t_min = float(grid[0])
@@ -169,7 +198,21 @@ def draw_times(grid: Tensor, batch: int, generator: torch.Generator, *,
     s_vel = r + (1 - r) * torch.rand(batch, generator=generator, device=dev)
     t_fm = sample_train_times(batch, generator, dev, eps=max(TRAIN_EPS, t_min))
     vel = torch.arange(batch, device=dev) % vel_every == 0
-    return TimeDraw(i=i, k=k, j=j, r=r, s_vel=s_vel, t_fm=t_fm, vel=vel)
+    jitter = torch.rand(3, batch, generator=generator, device=dev) if jittered else None
+    return TimeDraw(i=i, k=k, j=j, r=r, s_vel=s_vel, t_fm=t_fm, vel=vel, jitter=jitter)
+
+
+def cell_time(grid: Tensor, index: Tensor, where: Tensor) -> Tensor:
+    """A time in grid point `index`'s cell [B]: from the midpoint with the point below to the
+    midpoint with the point above, at fraction `where` [B] in [0, 1). The end points stay put
+    (t = grid[0] is where sampling starts, 1 is the data end), and cells do not overlap, so
+    times drawn for increasing indices stay in order."""
+    last = len(grid) - 1
+    below = grid[(index - 1).clamp(min=0)]
+    above = grid[(index + 1).clamp(max=last)]
+    low, high = (below + grid[index]) / 2, (grid[index] + above) / 2
+    inner = (index > 0) & (index < last)
+    return torch.where(inner, low + where.to(grid.dtype) * (high - low), grid[index])
 
 
 def distance(a: Tensor, b: Tensor, kind: str = "l2", huber_c: float = 0.03) -> Tensor:
@@ -285,16 +328,52 @@ class Targets:
 
 
 @torch.no_grad()
+def step_off_grid(teacher: Velocity, states: Tensor, at: Tensor, to: Tensor, method: str,
+                  labels: Tensor | None = None) -> Tensor:
+    """Teacher states [B, ...] at times `at` [B] carried by one `method` step to times `to` [B]
+    (a state between grid points, reached from the nearest grid state). Rows already there are
+    kept as they are; without class labels only the rows that move are evaluated."""
+    moving = torch.nonzero(at != to).squeeze(1)
+    if len(moving) == 0:
+        return states
+    step = STEPPERS[method]
+    if labels is not None:  # the teacher's labels are bound to the whole batch
+        moved = step(teacher, states, at, to)
+        return torch.where(per_sample(at != to, states).bool(), moved, states)
+    moved = step(teacher, states[moving], at[moving], to[moving])
+    return states.index_copy(0, moving, moved.to(states.dtype))
+
+
+def nearest_grid_index(grid: Tensor, times: Tensor) -> Tensor:
+    """The index of the grid point nearest to each time [B] (times within [grid[0], 1])."""
+    return (grid[None, :] - times[:, None]).abs().argmin(dim=1)
+
+
+@torch.no_grad()
 def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid: Tensor,
                     times: TimeDraw, *, config: TraFlowConfig, data: Tensor | None = None,
-                    labels: Tensor | None = None) -> Targets:
+                    labels: Tensor | None = None, teacher: Velocity | None = None,
+                    online: nn.Module | None = None) -> Targets:
     """Everything of one loss call that needs no gradient: the teacher's states picked from its
-    trajectory, the G^- ends of L_out and L_sc, the chord of L_vel, the anchor of L_fm."""
+    trajectory, the G^- ends of L_out and L_sc, the chord of L_vel, the anchor of L_fm.
+    `teacher` steps to times off the grid (consistency_times="jittered", vel_target="tangent");
+    `online` is the student's network for sc_inner="online"."""
     cfg = config
     i, k, j = times.i.to(noise.device), times.k.to(noise.device), times.j.to(noise.device)
     t, u, s = grid[i], grid[i + k], grid[j]
     traj = solve.trajectory
     x_t, x_u, x_s = pick(traj, i), pick(traj, i + k), pick(traj, j)
+    if times.jitter is not None:
+        # Continuous times: each interior point moves within its cell; u and s share a cell
+        # (and so a time) where i + k = j. The teacher steps there from the grid state.
+        where = times.jitter.to(noise.device)
+        t_new, u_new = cell_time(grid, i, where[0]), cell_time(grid, i + k, where[1])
+        s_new = torch.where(i + k == j, u_new, cell_time(grid, j, where[2]))
+        step = cfg.teacher_solver
+        x_t = step_off_grid(teacher, x_t, t, t_new, step, labels)
+        x_u = step_off_grid(teacher, x_u, u, u_new, step, labels)
+        x_s = step_off_grid(teacher, x_s, s, s_new, step, labels)
+        t, u, s = t_new, u_new, s_new
     # G^-(x, a, a) = x: rows that jump nowhere (u = s, or s = 1 for the carry to the data end)
     # skip the network. Which rows is read on the host, once per step.
     i_h, k_h, j_h, vel_h = torch.stack([times.i, times.k, times.j, times.vel.long()]).cpu()
@@ -310,7 +389,8 @@ def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid:
         # out: G^-(Phi(x_t, t->s), s, 1);  sc: G^-(G^-(Phi(x_t, t->u), u, s), s, 1).
         # Where u = s, x_via_u is x_s itself, so the sc end is the out end: carried once.
         ones = torch.ones_like(t)
-        x_via_u = jump_rows(target, x_u, u, s, labels, rows(via_u))
+        inner = online if cfg.sc_inner == "online" and online is not None else target
+        x_via_u = jump_rows(inner, x_u, u, s, labels, rows(via_u))
         both = jump_rows(target, torch.cat([x_s, x_via_u]), torch.cat([s, s]),
                          torch.cat([ones, ones]), _repeat(labels),
                          torch.cat([end_rows, rows(via_u & to_end) + len(x_t)]))
@@ -319,7 +399,7 @@ def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid:
         out.end_sc = end_sc.index_copy(0, same, out.end_out[same])
     if cfg.w_vel > 0:
         # Chord x_r = r x_hat + (1 - r) noise, r <= s: a straight teacher jumps at speed x_hat - noise.
-        if solve.x_hat is None:
+        if solve.x_hat is None and cfg.vel_target == "chord":
             raise ValueError("w_vel > 0 needs the teacher's output x_hat")
         vel_rows = (None if bool(vel_h.all()) else
                     torch.nonzero(vel_h).squeeze(1).to(noise.device))
@@ -329,9 +409,17 @@ def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid:
 
         noise_v, x_hat_v = take(noise), take(solve.x_hat)
         out.r, out.s_vel = take(times.r.to(noise.device)), take(times.s_vel.to(noise.device))
-        out.x_r = interpolate(noise_v, x_hat_v, out.r)
-        out.chord_velocity = target_velocity(noise_v, x_hat_v)
         out.vel_labels = take(labels)
+        if cfg.vel_target == "tangent":
+            # x_r on the teacher's trajectory: one step from the nearest grid state.
+            near = nearest_grid_index(grid, out.r)
+            columns = torch.arange(len(near), device=noise.device) if vel_rows is None else vel_rows
+            states = traj[near, columns]
+            out.x_r = step_off_grid(teacher, states, grid[near], out.r, cfg.teacher_solver,
+                                    out.vel_labels)
+        else:
+            out.x_r = interpolate(noise_v, x_hat_v, out.r)
+            out.chord_velocity = target_velocity(noise_v, x_hat_v)
     if cfg.w_fm > 0:
         if data is None:
             raise ValueError("w_fm > 0 needs a data batch")
@@ -343,16 +431,18 @@ def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid:
 
 def student_terms(student: nn.Module, target: nn.Module, targets: Targets, *,
                   config: TraFlowConfig, last_layer: Tensor | None = None,
-                  grad_mean: Callable[[Tensor], Tensor] | None = None) -> TraFlowLoss:
+                  grad_mean: Callable[[Tensor], Tensor] | None = None,
+                  teacher: Velocity | None = None) -> TraFlowLoss:
     """The terms with gradient, given the no-grad side (METHOD.md, targets 1-3 and L_fm).
 
     `target` is G^-'s network (weights frozen; the consistency terms differentiate through its
-    input); `last_layer` is the student weight that balances L_vel when lambda_vel="adaptive".
+    input); `last_layer` is the student weight that balances L_vel when lambda_vel="adaptive";
+    `teacher` gives vel_target="tangent" its target at the student's landing point.
     """
     cfg, tg, labels = config, targets, targets.labels
     terms: dict[str, Tensor] = {}
     total = tg.x_t.new_zeros(())
-    consistency = student_jump = split = None
+    consistency = student_jump = jump_grad = None
     if cfg.w_out > 0 or cfg.w_sc > 0:
         ones = torch.ones_like(tg.t)
         # The gradient flows through the inner G only; G^-'s weights are frozen.
@@ -368,15 +458,21 @@ def student_terms(student: nn.Module, target: nn.Module, targets: Targets, *,
         total = total + consistency
     rest = tg.x_t.new_zeros(())  # the total beyond the consistency terms
     if cfg.w_vel > 0:
-        d_jump = jump_derivative(student, tg.x_r, tg.r, tg.s_vel, tg.vel_labels,
-                                 method=cfg.derivative, fd_step=cfg.fd_step)
-        terms["vel"] = ((d_jump - tg.chord_velocity) ** 2).flatten(1).mean(1).mean()
+        landing, d_jump = jump_and_derivative(student, tg.x_r, tg.r, tg.s_vel, tg.vel_labels,
+                                              method=cfg.derivative, fd_step=cfg.fd_step)
+        if cfg.vel_target == "tangent":  # the end moves with the teacher: sg[v(G, s)]
+            if teacher is None:
+                raise ValueError("vel_target='tangent' needs the teacher's velocity")
+            with torch.no_grad():
+                aim = teacher(landing.detach(), tg.s_vel)
+        else:  # a straight teacher jumps at the chord's speed x_hat - noise
+            aim = tg.chord_velocity
+        terms["vel"] = ((d_jump - aim) ** 2).flatten(1).mean(1).mean()
         if cfg.lambda_vel != "adaptive":
             lam = torch.tensor(float(cfg.lambda_vel), device=tg.x_t.device)
         elif consistency is not None and last_layer is not None and consistency.requires_grad:
             lam, jump_grad = adaptive_lambda(consistency, student_jump, terms["vel"], last_layer,
                                              cfg.lambda_clip, grad_mean)
-            split = (student_jump, jump_grad)
         else:
             lam = torch.ones((), device=tg.x_t.device)
         terms["lambda_vel"] = lam
@@ -385,29 +481,33 @@ def student_terms(student: nn.Module, target: nn.Module, targets: Targets, *,
         pred = call_net(student, tg.x_fm, tg.t_fm, tg.t_fm, labels)  # u(x_t, t, t): velocity
         terms["fm"] = ((pred - tg.fm_velocity) ** 2).flatten(1).mean(1).mean()
         rest = rest + cfg.w_fm * terms["fm"]
-    return TraFlowLoss(total=total + rest, terms={name: v.detach() for name, v in terms.items()},
-                       split=None if split is None else (*split, rest))
+    if jump_grad is not None:  # the consistency graph was freed: carry its gradient instead
+        total = _with_jump_gradient(total, student_jump, jump_grad)
+    return TraFlowLoss(total=total + rest, terms={name: v.detach() for name, v in terms.items()})
 
 
 def traflow_loss(student: nn.Module, target: nn.Module, teacher: Velocity, noise: Tensor, *,
                  config: TraFlowConfig, grid: Tensor, times: TimeDraw,
                  data: Tensor | None = None, labels: Tensor | None = None,
                  last_layer: Tensor | None = None, trajectory: Tensor | None = None,
-                 grad_mean: Callable[[Tensor], Tensor] | None = None) -> TraFlowLoss:
+                 grad_mean: Callable[[Tensor], Tensor] | None = None,
+                 online: nn.Module | None = None) -> TraFlowLoss:
     """One TraFlow loss on a batch of noise [B, ...] (and data, for start="data" or w_fm > 0).
 
     The teacher's side, then the student's: solve_teacher (skipped when `trajectory`
     [N + 1, B, ...], a cached solve from this noise, is given), traflow_targets, student_terms.
     `teacher(x, t)` is the teacher velocity (labels already bound); `grid` [N + 1] is the
     teacher's time grid (increasing, ending at 1); `grad_mean` averages over data-parallel
-    processes (see adaptive_lambda).
+    processes (see adaptive_lambda); `online` is the student's plain network (no DDP wrapper)
+    for sc_inner="online" (default: `student`).
     """
+    online = student if online is None else online
     solve = (TeacherSolve.cached(trajectory) if trajectory is not None else
              solve_teacher(teacher, noise, grid, times, config=config, data=data))
     targets = traflow_targets(target, solve, noise, grid, times, config=config, data=data,
-                              labels=labels)
+                              labels=labels, teacher=teacher, online=online)
     return student_terms(student, target, targets, config=config, last_layer=last_layer,
-                         grad_mean=grad_mean)
+                         grad_mean=grad_mean, teacher=teacher)
 
 
 def _repeat(labels: Tensor | None) -> Tensor | None:

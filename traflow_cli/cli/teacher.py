@@ -9,7 +9,7 @@ import typer
 
 from traflow_cli.cli import options as o
 from traflow_cli.cli import render
-from traflow_cli.specs import TOY_DATASETS
+from traflow_cli.specs import is_toy_data
 
 app = typer.Typer(help="Train a rectified-flow teacher, or import an existing one.",
                   no_args_is_help=True)
@@ -38,6 +38,39 @@ def train_command(
     run_dir = out or Path("runs") / spec.preset / "teacher"
     with o.user_errors():
         result = train_teacher(spec, run_dir)
+    o.emit(result, as_json, render.training_summary)
+
+
+@app.command("reflow")
+def reflow_command(
+    teacher: Annotated[Path, typer.Option(
+        "--teacher", "-t", help="The parent teacher run folder (a rectified flow).",
+        show_default=False)],
+    preset: Annotated[str | None, typer.Option(
+        "--preset", "-p", help="Preset name or .toml file. (default: the parent run's own spec)",
+        show_default=False)] = None,
+    sets: o.Sets = None,
+    out: o.Out = None,
+    device: o.Device = None,
+    seed: o.Seed = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", help="Training steps. (default: the spec's reflow.duration_steps)",
+        show_default=False)] = None,
+    as_json: o.Json = False,
+    dry: o.DryRun = False,
+) -> None:
+    """2-rectified flow: retrain a teacher on pairs (noise, its own ODE output), from its weights
+    (resumes an existing --out). Its few-step Euler is straighter; distill it like any teacher."""
+    values = {"reflow.parent": str(teacher), "reflow.duration_steps": steps}
+    spec = o.resolve(preset, sets, device=device, seed=seed, values=values, teacher=teacher,
+                     teacher_flag="reflow.parent")
+    if dry:
+        o.dry_run(spec)
+    from traflow_cli.jobs.reflow import reflow
+
+    run_dir = out or Path("runs") / spec.preset / "teacher-reflow"
+    with o.user_errors():
+        result = reflow(spec, run_dir)
     o.emit(result, as_json, render.training_summary)
 
 
@@ -90,7 +123,7 @@ def import_command(
     # Validated by the job once the file has said what the network is: the preset's own `net`
     # section is replaced by it, so it must not be checked against the data first.
     raw = o.raw_spec(preset or "cifar10", sets, values={"data.resolution": image_size})
-    if raw.get("data", {}).get("name", "ring8") in TOY_DATASETS:
+    if is_toy_data(raw.get("data")):
         o.err(f"error: --preset: {raw.get('preset', preset)!r} is a toy (2-D) preset; an imported "
               "image teacher needs an image preset, e.g. --preset cifar10")
         raise typer.Exit(o.EXIT_USAGE)

@@ -200,8 +200,8 @@ def bench_batches(spec: RunSpec, runtime: Runtime, batch: int) -> tuple[BatchSou
     """The jobs' own data source when the dataset is there ("dataset"); else random tensors of
     the data's shape and classes ("random"): a training step's speed ignores pixel values."""
     try:
-        return make_batch_source(spec.data, seed=spec.seed, global_batch=batch,
-                                 runtime=runtime), "dataset"
+        return make_batch_source(spec.data, seed=spec.seed, global_batch=batch, runtime=runtime,
+                                 net_classes=spec.net_config().get("num_classes", 0)), "dataset"
     except UserError:
         shape = sample_shape(spec.net_config())
         classes = spec.net_config().get("num_classes", 0)

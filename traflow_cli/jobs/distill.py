@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor, nn
 
-from traflow_cli.engine.checkpoint import run_checkpoint
+from traflow_cli.engine.checkpoint import latest_checkpoint
 from traflow_cli.engine.distributed import all_mean, gather_shards, rank, shard, unwrap, wrap_ddp
 from traflow_cli.engine.ema import make_ema, update_ema
 from traflow_cli.engine.records import atomic_write_bytes
@@ -49,9 +49,15 @@ from traflow_cli.jobs.common import (
     runtime_for,
     sample_shape,
 )
-from traflow_cli.models import load_teacher
+from traflow_cli.models import Teacher, load_teacher
 from traflow_cli.nets import student_from_teacher
-from traflow_cli.sampling import SigmaRange, teacher_grid, teacher_stepper, teacher_velocity
+from traflow_cli.sampling import (
+    SigmaRange,
+    resolve_grid,
+    teacher_grid,
+    teacher_stepper,
+    teacher_velocity,
+)
 from traflow_cli.seeding import derive_seed, generator_for
 from traflow_cli.specs import DistillSpec, RunSpec, SpecError, check_teacher_run
 from traflow_cli.traflow import TraFlowConfig, draw_times, traflow_loss, trajectory_from_noise
@@ -68,36 +74,46 @@ def traflow_config(section: DistillSpec) -> TraFlowConfig:
                             for f in dataclasses.fields(TraFlowConfig)})
 
 
-def grid_kind(section: DistillSpec, native_grid: str) -> str:
-    """"uniform" or "karras": the spec's time_grid, "native" being the teacher run's own."""
-    return native_grid if section.time_grid == "native" else section.time_grid
-
-
 def distill_grid(section: DistillSpec, native_grid: str, sigma_range: SigmaRange,
                  device: torch.device | str = "cpu") -> Tensor:
     """The teacher's time grid tau_0 < ... < tau_N = 1 [N + 1]: uniform in t from 0 for a
     rectified flow; for an EDM teacher it starts at t_min = 1 / (1 + sigma_max), and "karras"
     spaces it as EDM's sampler does."""
-    return teacher_grid(grid_kind(section, native_grid), section.grid_steps, sigma_range,
-                        device=device)
+    return teacher_grid(resolve_grid(section.time_grid, native_grid), section.grid_steps,
+                        sigma_range, device=device)
 
 
-def check_teacher_net(spec: RunSpec) -> None:
-    """The spec's network must be the teacher checkpoint's: the student copies it (the CLI puts
-    the teacher's network into the spec before validation; this catches any other caller)."""
+def open_teacher(spec: RunSpec) -> Teacher:
+    """The teacher run of spec.distill.teacher, read once (record, checkpoint, weights). The
+    spec's network must be the teacher's: the student copies it (the CLI puts the teacher's
+    network into the spec before validation; this catches any other caller)."""
     check_teacher_run(spec.distill.teacher)
-    config = run_checkpoint(Path(spec.distill.teacher)).net_config()
-    if config != spec.net_config():
-        differ = sorted(k for k in set(config) | set(spec.net_config())
-                        if config.get(k) != spec.net_config().get(k))
+    teacher = load_teacher(spec.distill.teacher)
+    config, wanted = teacher.config, spec.net_config()
+    if config != wanted:
+        differ = sorted(k for k in set(config) | set(wanted) if config.get(k) != wanted.get(k))
         raise SpecError(f"net: differs from the teacher's network in {spec.distill.teacher} "
                         f"({', '.join(f'net.{k}' for k in differ[:4])}); the student takes its "
                         "teacher's network: resolve the spec with the teacher's net section")
+    return teacher  # load_teacher refused non-finite weights
+
+
+def check_same_teacher(run_dir: Path, teacher: Teacher, teacher_dir: str | None,
+                       field: str = "distill.teacher") -> None:
+    """A resumed student must keep its teacher: the weights' digest it recorded at its last
+    checkpoint against the teacher folder's now (runs from before the digest pass)."""
+    ckpt = latest_checkpoint(run_dir / "checkpoints", warn=False)  # the restore warns
+    recorded = None if ckpt is None else ckpt.metadata.get("teacher_sha256")
+    if recorded is not None and recorded != teacher.sha256:
+        raise SpecError(f"{field}: the weights in {teacher_dir} are not the ones {run_dir} "
+                        f"was made from (sha256 {str(teacher.sha256)[:12]}..., recorded "
+                        f"{recorded[:12]}...); restore that teacher, or choose another --out")
 
 
 def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, seed: int,
                          grid: Tensor, solver: str, device: torch.device,
-                         cache_file: Path | None, batch: int = 4096, num_classes: int = 0
+                         cache_file: Path | None, batch: int = 4096, num_classes: int = 0,
+                         teacher_sha256: str | None = None, ends_only: bool = False
                          ) -> tuple[Tensor, Tensor, Tensor | None]:
     """A bank of `count` noises, their teacher trajectories [N + 1, count, ...] on `grid` and,
     for a class-conditional teacher, the class [count] each was solved for; kept on disk at
@@ -106,9 +122,11 @@ def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, se
     Paying the teacher's solve once and reusing it every step is what makes data-free
     distillation cheap (METHOD.md, "Cost per step"). The file records what it was solved for
     and a digest of its tensors: a damaged or stale one is solved again, with a warning.
+    `ends_only` keeps the last state alone ([1, count, ...]: reflow's pairs).
     """
     key = {"count": count, "seed": seed, "shape": list(shape), "solver": solver,
-           "num_classes": num_classes, "grid": [float(v) for v in grid.cpu().double()]}
+           "num_classes": num_classes, "grid": [float(v) for v in grid.cpu().double()],
+           "teacher_sha256": teacher_sha256, "ends_only": ends_only}
     if cache_file is not None and cache_file.is_file():
         saved, problem = _read_cache(cache_file, key)
         if saved is not None:
@@ -121,12 +139,13 @@ def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, se
               if num_classes else None)
     # Under DDP each rank solves its share of the rows, then every rank gets all of them.
     mine = shard(count)
+    kept = slice(-1, None) if ends_only else slice(None)
     parts = [trajectory_from_noise(teacher_velocity(teacher, None if labels is None else
                                                     labels[mine][start:start + batch]),
-                                   chunk, grid, solver)
+                                   chunk, grid, solver)[kept]
              for start, chunk in zip(range(0, count, batch), noise[mine].split(batch),
                                      strict=False)]
-    empty = noise.new_empty((len(grid), 0, *shape))
+    empty = noise.new_empty((1 if ends_only else len(grid), 0, *shape))
     trajectory = gather_shards(torch.cat(parts or [empty], dim=1), count, dim=1)
     if rank() == 0 and cache_file is not None:
         arrays = {"noise": noise.cpu().contiguous(), "trajectory": trajectory.cpu().contiguous()}
@@ -156,11 +175,17 @@ def _read_cache(path: Path, key: dict[str, Any]) -> tuple[dict[str, Tensor] | No
     except Exception as err:  # noqa: BLE001 - any failure to parse means: solve again
         return None, f"is unreadable ({one_line(err)})"
     if "sha256" not in metadata or "key" not in metadata:
-        return None, "records no digest (written before traflow 0.2)"
+        return None, "records no digest (written by an older traflow)"
     if _tensor_digest(arrays) != metadata["sha256"]:
         return None, "is damaged (its tensors do not match their digest)"
     if json.loads(metadata["key"]) != key:
-        return None, "was solved for other settings (grid, solver, count or seed)"
+        return None, "was solved for other settings (teacher, grid, solver, count or seed)"
+    steps, shape = 1 if key["ends_only"] else len(key["grid"]), [key["count"], *key["shape"]]
+    shapes = {name: list(value.shape) for name, value in arrays.items()}
+    wanted = {"noise": shape, "trajectory": [steps, *shape],
+              **({"labels": shape[:1]} if key["num_classes"] else {})}
+    if shapes != wanted:
+        return None, f"holds tensors of other shapes ({shapes}, expected {wanted})"
     return arrays, ""
 
 
@@ -177,12 +202,17 @@ def velocity_derivative(section: DistillSpec, runtime: Runtime) -> str:
     return section.derivative
 
 
+def reads_data_labels(spec: RunSpec) -> bool:
+    """Whether the classes of a batch come from the data: a class-conditional teacher, labelled
+    data, and a term that reads the data. Otherwise each solve draws its class uniformly."""
+    cfg = spec.distill
+    return ((cfg.start == "data" or cfg.w_fm > 0) and spec.data.use_labels
+            and spec.net_config().get("num_classes", 0) > 0)
+
+
 def cache_allowed(spec: RunSpec) -> bool:
     """Whether the spec's loss can read cached teacher solves (data-free, no data labels)."""
-    cfg = spec.distill
-    data_labels = ((cfg.start == "data" or cfg.w_fm > 0) and spec.data.use_labels
-                   and spec.net_config().get("num_classes", 0) > 0)
-    return cfg.start == "teacher" and not data_labels
+    return spec.distill.start == "teacher" and not reads_data_labels(spec)
 
 
 @dataclass
@@ -207,14 +237,16 @@ class DistillStep:
 def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, *,
                        cache_file: Path | None, batches: BatchSource | None = None,
                        inputs_checked: Callable[[], None] | None = None,
-                       native_grid: str = "uniform") -> DistillStep:
+                       native_grid: str = "uniform", teacher_sha256: str | None = None
+                       ) -> DistillStep:
     """The student, its EMAs, its optimiser and `step_fn(step)` for a spec whose `net` section
     is the teacher's (check_teacher_net); `teacher_net` is on the runtime's device. `cache_file`
     keeps a trajectory cache on disk; `batches` replaces the spec's data source;
     `inputs_checked` is called once everything but the (long) teacher solves has been checked;
-    `native_grid` is the teacher run's own grid ("karras" for EDM imports)."""
+    `native_grid` is the teacher run's own grid ("karras" for EDM imports); `teacher_sha256`
+    names the teacher's weights in the trajectory cache's key."""
     cfg, tf = spec.distill, traflow_config(spec.distill)
-    sigma_range: SigmaRange = getattr(teacher_net, "sigma_range", None)  # an EDM teacher's
+    sigma_range: SigmaRange = teacher_net.sigma_range  # an EDM teacher's; None for a rectified flow
     # Heun on an EDM teacher steps in EDM's coordinates (x / t against sigma), as its sampler.
     tf = dataclasses.replace(tf, teacher_solver=teacher_stepper(tf.teacher_solver, sigma_range),
                              derivative=velocity_derivative(cfg, runtime))
@@ -245,11 +277,11 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     needs_data = cfg.start == "data" or cfg.w_fm > 0
     if needs_data and batches is None:
         batches = make_batch_source(spec.data, seed=spec.seed, global_batch=cfg.batch_size,
-                                    runtime=runtime)
+                                    runtime=runtime, net_classes=config.get("num_classes", 0))
     # A class-conditional teacher needs a class for every solve: the data's labels when the
     # loss reads data, else classes drawn uniformly (data-free), stored with any cached solve.
     num_classes = config.get("num_classes", 0)
-    data_labels = needs_data and spec.data.use_labels and num_classes > 0
+    data_labels = reads_data_labels(spec)
     if data_labels and cfg.trajectory_cache:
         raise SpecError("distill.trajectory_cache: cached solves carry their own classes, which "
                         "the data's labels would contradict; set distill.trajectory_cache=0 or "
@@ -260,12 +292,14 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     if cfg.trajectory_cache:
         bank = teacher_trajectories(teacher, shape, count=cfg.trajectory_cache, seed=spec.seed,
                                     grid=grid, solver=tf.teacher_solver, device=runtime.device,
-                                    num_classes=num_classes, cache_file=cache_file)
+                                    num_classes=num_classes, cache_file=cache_file,
+                                    teacher_sha256=teacher_sha256)
 
     def step_fn(step: int) -> dict[str, Tensor]:
         torch.manual_seed(derive_seed(spec.seed, runtime.rank, step))  # dropout
         gen = generator_for(spec.seed, 0, step, device=runtime.device)
-        times = draw_times(grid_host, cfg.batch_size, gen, vel_every=cfg.vel_every).rows(rows)
+        times = draw_times(grid_host, cfg.batch_size, gen, vel_every=cfg.vel_every,
+                           jittered=cfg.consistency_times == "jittered").rows(rows)
         trajectory = labels = None
         if bank is not None:
             pick = torch.randint(len(bank[0]), (cfg.batch_size,), generator=gen,
@@ -289,7 +323,8 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
                 labels = None if labels is None else labels.repeat_interleave(share)
             loss = traflow_loss(model, target, teacher_velocity(teacher, labels), noise,
                                 config=tf, grid=grid, times=times, data=data, labels=labels,
-                                last_layer=last_layer, trajectory=trajectory, grad_mean=all_mean)
+                                last_layer=last_layer, trajectory=trajectory, grad_mean=all_mean,
+                                online=student)
         loss.backward()
         grad_norm = optimizer_step(optimizer, params, step, cfg)
         update_ema(target, student, cfg.target_ema)
@@ -306,19 +341,23 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
 
 def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     """Distill spec.distill.teacher into a student; resumes from run_dir if started."""
-    check_teacher_net(spec)
+    teacher = open_teacher(spec)
     runtime = runtime_for(spec)
     with claim_run_dir(run_dir, spec, job="distill", sections=SECTIONS, runtime=runtime) as claim:
-        return _distill(spec, claim, runtime)
+        return _distill(spec, claim, runtime, teacher)
 
 
-def _distill(spec: RunSpec, claim: RunClaim, runtime: Runtime) -> dict[str, Any]:
+def _distill(spec: RunSpec, claim: RunClaim, runtime: Runtime, teacher: Teacher
+             ) -> dict[str, Any]:
     cfg = spec.distill
-    teacher = load_teacher(cfg.teacher)
+    if claim.resumed:
+        check_same_teacher(claim.run_dir, teacher, cfg.teacher)
     step = build_distill_step(spec, runtime, runtime.place(teacher.net),
                               cache_file=claim.run_dir / "teacher_trajectories.safetensors",
-                              inputs_checked=claim.write_record, native_grid=teacher.native_grid)
+                              inputs_checked=claim.write_record, native_grid=teacher.native_grid,
+                              teacher_sha256=teacher.sha256)
     metadata = net_metadata(spec.net_config(), "student", teacher=str(cfg.teacher),
-                            time_grid=grid_kind(cfg, teacher.native_grid),
+                            teacher_sha256=teacher.sha256 or "",
+                            time_grid=resolve_grid(cfg.time_grid, teacher.native_grid),
                             grid_steps=cfg.grid_steps)
     return run_training("distill", claim, runtime, cfg, step, metadata)

@@ -35,7 +35,7 @@ from traflow_cli.nets import build_net
 from traflow_cli.runfolder import RunLock, check_output_folder
 from traflow_cli.sampling import teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
-from traflow_cli.specs import RunSpec, SpecError
+from traflow_cli.specs import RunSpec, SpecError, TeacherSpec
 
 SECTIONS = ("seed", "data", "net", "teacher")
 
@@ -55,30 +55,46 @@ class TeacherStep:
         return {"net": self.net, "ema": self.ema}
 
 
-def build_teacher_step(spec: RunSpec, runtime: Runtime, *, batches: BatchSource | None = None
-                       ) -> TeacherStep:
-    """A fresh network from spec.net, its EMA, its optimiser and `step_fn(step)`: data and noise
-    for the step, E||v(x_t, t) - (data - noise)||^2, backward, clipped Adam with the
-    learning-rate warm-up, EMA. `batches` replaces the spec's data source."""
-    cfg = spec.teacher
+# A bank of coupled pairs for reflow: noise [P, ...], Phi(noise) [P, ...], classes [P] or None.
+PairBank = tuple[Tensor, Tensor, Tensor | None]
+
+
+def build_teacher_step(spec: RunSpec, runtime: Runtime, *, batches: BatchSource | None = None,
+                       section: TeacherSpec | None = None, init: nn.Module | None = None,
+                       pairs: PairBank | None = None) -> TeacherStep:
+    """A network from spec.net, its EMA, its optimiser and `step_fn(step)`: data and noise for
+    the step, E||v(x_t, t) - (data - noise)||^2, backward, clipped Adam with the learning-rate
+    warm-up, EMA. `batches` replaces the spec's data source. For reflow, `section` is the spec's
+    reflow section, `init` the parent whose weights it starts from, and `pairs` the coupled
+    (noise, data) it trains on instead of independent draws."""
+    cfg = section or spec.teacher
     config = spec.net_config()
     torch.manual_seed(derive_seed(spec.seed, 5))  # initial weights: same for any process count
-    net = runtime.place(build_net(config))
+    net = build_net(config)
+    if init is not None:
+        net.load_state_dict(init.state_dict())
+    net = runtime.place(net)
     ema = make_ema(net)
     params = list(net.parameters())
     optimizer = make_optimizer(params, cfg, runtime)
     model = runtime.maybe_compile(wrap_ddp(net, runtime.device))
-    if batches is None:
+    if batches is None and pairs is None:
         batches = make_batch_source(spec.data, seed=spec.seed, global_batch=cfg.batch_size,
-                                    runtime=runtime)
+                                    runtime=runtime, net_classes=config.get("num_classes", 0))
     rows = rank_rows(cfg.batch_size, runtime)
     shape = sample_shape(config)
 
     def step_fn(step: int) -> dict[str, Tensor]:
         torch.manual_seed(derive_seed(spec.seed, runtime.rank, step))  # dropout
         gen = generator_for(spec.seed, 0, step, device=runtime.device)
-        data, labels = batches(step)
-        noise = runtime.place_batch(global_normal(shape, cfg.batch_size, rows, gen))
+        if pairs is None:
+            data, labels = batches(step)
+            noise = runtime.place_batch(global_normal(shape, cfg.batch_size, rows, gen))
+        else:  # reflow: a noise and the parent's output for it, drawn together
+            pick = torch.randint(len(pairs[0]), (cfg.batch_size,), generator=gen,
+                                 device=gen.device)[rows].to(pairs[0].device)
+            noise, data = pairs[0][pick], pairs[1][pick]
+            labels = None if pairs[2] is None else pairs[2][pick]
         t = sample_train_times(cfg.batch_size, gen, runtime.device, cfg.t_eps)[rows]
         with runtime.autocast():
             loss = rectified_flow_loss(teacher_velocity(model, labels), noise, data, t).mean()
