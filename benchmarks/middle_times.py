@@ -44,12 +44,12 @@ def main() -> None:
                         help="file for the teacher's RK45 ends and middle states (reused)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    middles = [float(m) for m in args.middle.split(",")]
+    middles = sorted({float(m) for m in args.middle.split(",")} - {0.0, 1.0})
 
     teacher, student = load_teacher(args.teacher), load_student(args.student)
     noise = noise_for_indices(range(args.num_samples), sample_shape(student.config), args.seed)
     key = {"n": args.num_samples, "seed": args.seed, "middle": middles,
-           "teacher": str(args.teacher.resolve())}
+           "teacher": teacher.sha256}
     saved = torch.load(args.cache, weights_only=True) if args.cache and args.cache.is_file() else {}
     if saved.get("key") != json.dumps(key):
         # One per-sample RK45 solve (rtol = atol = 1e-4, as the study's reference), stopping at

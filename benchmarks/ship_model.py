@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from traflow_cli.engine.checkpoint import run_checkpoint, save_checkpoint  # noqa: E402
 from traflow_cli.engine.records import atomic_write_bytes  # noqa: E402
+from traflow_cli.models import load_teacher  # noqa: E402
 from traflow_cli.runfolder import read_record  # noqa: E402
 
 
@@ -33,8 +34,9 @@ def ship(run_dir: Path, out: Path, teacher: str | None) -> Path:
     metadata = {k: v for k, v in ckpt.metadata.items() if k not in ("format", "step")}
     spec = record["spec"]
     spec.get("data", {})["path"] = None  # the trainer's data path means nothing elsewhere
-    if teacher is not None:
+    if teacher is not None:  # the shipped teacher: its path and its weights file's digest
         metadata["teacher"] = teacher
+        metadata["teacher_sha256"] = load_teacher(teacher).sha256 or ""
         spec["distill"]["teacher"] = teacher
     record["shipped_from"] = {"step": ckpt.step, "weights": prefix}
     out.mkdir(parents=True, exist_ok=True)

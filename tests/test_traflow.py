@@ -147,6 +147,58 @@ def test_every_option_keeps_the_straight_teacher_a_fixed_point(options: dict) ->
         assert float(off.terms[name]) > 1e-4, name
 
 
+class ExponentialMap(nn.Module):
+    """The exact flow map of the curved teacher v(x, t) = a x: G(x, t, s) = x e^(a (s - t)), so
+    u(x, t, s) = x (e^(a (s - t)) - 1) / (s - t) (a x at s = t)."""
+
+    def __init__(self, a: float) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+        self.output_layer = self
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.a.view(1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None = None):
+        h = (s - t).view(-1, 1)
+        safe = torch.where(h.abs() > 1e-6, h, torch.ones_like(h))
+        return torch.where(h.abs() > 1e-6, x * torch.expm1(self.a * h) / safe, self.a * x)
+
+
+def _curved_case(student_a: float, **options):
+    a = 0.8
+    teacher = lambda x, t: a * x  # noqa: E731
+    student = ExponentialMap(student_a)
+    target = copy.deepcopy(student).requires_grad_(False)
+    grid, noise = time_grid(64), torch.randn(256, 2, generator=torch.Generator().manual_seed(3))
+    config = TraFlowConfig(lambda_vel=1.0, **options)
+    times = draw_times(grid, 256, torch.Generator().manual_seed(4),
+                       jittered=config.consistency_times == "jittered")
+    return traflow_loss(student, target, teacher, noise, config=config, grid=grid, times=times)
+
+
+def test_on_a_curved_teacher_the_tangent_target_holds_at_the_exact_map_and_the_chord_does_not():
+    """v = a x curves: the exact map meets the tangent condition dG/ds = v(G, s) wherever it
+    starts, while the chord x_hat - noise is a straight line the map does not follow."""
+    tangent = _curved_case(0.8, vel_target="tangent")
+    chord = _curved_case(0.8, vel_target="chord")
+    assert float(tangent.terms["vel"]) < 1e-9
+    assert float(chord.terms["vel"]) > 1e-3
+    assert float(_curved_case(0.5, vel_target="tangent").terms["vel"]) > 1e-3
+
+
+def test_on_a_curved_teacher_jittered_times_pair_each_state_with_its_own_time():
+    """Off the grid, x_t, x_u and x_s are the teacher's states at the moved times (one Heun step
+    from the grid state, error ~h^3): the exact map meets L_out and L_sc to that accuracy. A
+    state left at its grid point while its time moved would be off by ~h (loss ~1e-4)."""
+    exact = _curved_case(0.8, consistency_times="jittered")
+    for name in ("out", "sc"):
+        assert float(exact.terms[name]) < 1e-8, name
+    off = _curved_case(0.6, consistency_times="jittered")
+    assert float(off.terms["out"]) > 1e-5
+
+
 def test_the_online_inner_jump_moves_the_sc_target_and_the_ema_one_does_not() -> None:
     """sc_inner="online": G(Phi(x_t, t -> u), u, s) by the online weights (CTM), so a target
     network that lags the student changes L_sc's target only through the carry to the data end."""
@@ -412,14 +464,18 @@ def test_total_backward_is_the_loss_gradient_with_the_adaptive_lambda() -> None:
                             times=times, last_layer=student.output_layer.weight)
 
     first = loss()
-    value = sum(float(first.terms[k]) for k in ("out", "sc"))
-    value += float(first.terms["lambda_vel"]) * float(first.terms["vel"])
+    lam = float(first.terms["lambda_vel"])
+    value = sum(float(first.terms[k]) for k in ("out", "sc")) + lam * float(first.terms["vel"])
     assert float(first.total.detach()) == pytest.approx(value, rel=1e-6)
     student.zero_grad(set_to_none=True)
     first.total.backward()
-    by_total = [p.grad.clone() for p in student.parameters()]
-    assert torch.allclose(torch.cat([g.flatten() for g in by_total]),
-                          torch.cat([g.flatten() for g in _gradients(student, loss())]))
+    by_total = torch.cat([p.grad.flatten() for p in student.parameters()])
+    # The same loss with that lambda fixed has no freed graph: its plain gradient is the truth.
+    torch.manual_seed(0)
+    plain = traflow_loss(student, target, teacher, noise, config=TraFlowConfig(lambda_vel=lam),
+                         grid=grid, times=times, last_layer=student.output_layer.weight)
+    reference = torch.cat([g.flatten() for g in _gradients(student, plain)])
+    assert torch.allclose(by_total, reference, rtol=1e-5, atol=1e-8)
 
 
 def test_vel_every_puts_the_velocity_term_on_every_nth_row_of_the_global_batch() -> None:

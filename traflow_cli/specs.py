@@ -235,9 +235,9 @@ class ReflowSpec(TeacherSpec):
     on pairs (noise, Phi(noise, 0 -> 1)) of the parent's ODE, x_t = t Phi + (1 - t) noise."""
 
     parent: str | None = None
-    pairs: PositiveInt = 10_000     # noises solved once by the parent, then reused every epoch
+    pairs: Annotated[int, Field(strict=True, gt=0, le=MAX_SAMPLES)] = 10_000  # solved once, reused
     solver: Literal["heun", "euler"] = "heun"
-    solver_steps: PositiveInt = 100  # Phi's steps on a uniform grid: the pairs' accuracy
+    solver_steps: SolverSteps = 100  # Phi's steps on a uniform grid: the pairs' accuracy
 
 
 class DistillSpec(TrainingSpec):
@@ -290,13 +290,15 @@ class DistillSpec(TrainingSpec):
             if self.batch_size % self.draws_per_solve:
                 raise ValueError(f"draws_per_solve ({self.draws_per_solve}) must divide batch_size "
                                  f"({self.batch_size})")
-        if self.start == "data" and (self.consistency_times == "jittered"
-                                     or (self.vel_target == "tangent" and self.w_vel > 0)):
-            raise ValueError("consistency_times='jittered' and vel_target='tangent' step from the "
-                             "teacher's trajectory from noise; set start='teacher'")
-        if self.vel_target == "tangent" and self.vel_every > 1:
-            raise ValueError("vel_target='tangent' evaluates the teacher on every row; set "
-                             "vel_every=1")
+        if self.start == "data" and self.consistency_times == "jittered":
+            raise ValueError("consistency_times='jittered' steps from the teacher's trajectory "
+                             "from noise; set start='teacher' or consistency_times='grid'")
+        if self.start == "data" and self.vel_target == "tangent" and self.w_vel > 0:
+            raise ValueError("vel_target='tangent' steps from the teacher's trajectory from "
+                             "noise; set start='teacher' or vel_target='chord'")
+        if self.vel_target == "tangent" and self.w_vel > 0 and self.vel_every > 1:
+            raise ValueError("vel_target='tangent' calls the teacher with the whole batch's "
+                             "classes, so every row carries L_vel; set vel_every=1")
         if self.lambda_clip[0] > self.lambda_clip[1]:
             raise ValueError("lambda_clip must be (low, high) with low <= high")
         return self

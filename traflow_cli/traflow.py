@@ -183,12 +183,14 @@ class TimeDraw:
 
 
 def draw_times(grid: Tensor, batch: int, generator: torch.Generator, *,
-               vel_every: int = 1, jittered: bool = False) -> TimeDraw:
+               vel_every: int = 1, jittered: bool = False,
+               jitter_generator: torch.Generator | None = None) -> TimeDraw:
     """Draw every time of a TraFlow loss for a batch from one generator, on the teacher's grid
     [N + 1] (pass it on the host: its first time is read). Every time lies in [grid[0], 1].
     Rows 0, vel_every, 2 vel_every, ... of the batch carry L_vel (the draw is the same).
-    `jittered` draws the consistency times' positions within their cells last, so the draw on
-    the grid is the same with and without it."""
+    `jittered` draws the consistency times' positions within their cells from
+    `jitter_generator` (default: `generator`, after everything else), so that the draw on the
+    grid, and what a caller draws next from `generator`, are the same with and without it."""
     i, k, j = sample_grid_indices(len(grid) - 1, batch, generator)
     dev = generator.device
     t_min = float(grid[0])
@@ -198,7 +200,8 @@ def draw_times(grid: Tensor, batch: int, generator: torch.Generator, *,
     s_vel = r + (1 - r) * torch.rand(batch, generator=generator, device=dev)
     t_fm = sample_train_times(batch, generator, dev, eps=max(TRAIN_EPS, t_min))
     vel = torch.arange(batch, device=dev) % vel_every == 0
-    jitter = torch.rand(3, batch, generator=generator, device=dev) if jittered else None
+    jitter = (torch.rand(3, batch, generator=jitter_generator or generator, device=dev)
+              if jittered else None)
     return TimeDraw(i=i, k=k, j=j, r=r, s_vel=s_vel, t_fm=t_fm, vel=vel, jitter=jitter)
 
 
@@ -389,7 +392,9 @@ def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid:
         # out: G^-(Phi(x_t, t->s), s, 1);  sc: G^-(G^-(Phi(x_t, t->u), u, s), s, 1).
         # Where u = s, x_via_u is x_s itself, so the sc end is the out end: carried once.
         ones = torch.ones_like(t)
-        inner = online if cfg.sc_inner == "online" and online is not None else target
+        if cfg.sc_inner == "online" and online is None:
+            raise ValueError("sc_inner='online' needs the student's network (online=...)")
+        inner = online if cfg.sc_inner == "online" else target
         x_via_u = jump_rows(inner, x_u, u, s, labels, rows(via_u))
         both = jump_rows(target, torch.cat([x_s, x_via_u]), torch.cat([s, s]),
                          torch.cat([ones, ones]), _repeat(labels),
@@ -501,7 +506,7 @@ def traflow_loss(student: nn.Module, target: nn.Module, teacher: Velocity, noise
     processes (see adaptive_lambda); `online` is the student's plain network (no DDP wrapper)
     for sc_inner="online" (default: `student`).
     """
-    online = student if online is None else online
+    online = getattr(student, "module", student) if online is None else online  # no DDP
     solve = (TeacherSolve.cached(trajectory) if trajectory is not None else
              solve_teacher(teacher, noise, grid, times, config=config, data=data))
     targets = traflow_targets(target, solve, noise, grid, times, config=config, data=data,

@@ -37,6 +37,7 @@ from traflow_cli.engine.ema import make_ema, update_ema
 from traflow_cli.engine.records import atomic_write_bytes
 from traflow_cli.engine.runtime import Runtime
 from traflow_cli.errors import one_line
+from traflow_cli.flow import solve_on_grid
 from traflow_cli.jobs.batches import BatchSource, global_normal, make_batch_source
 from traflow_cli.jobs.common import (
     RunClaim,
@@ -60,7 +61,13 @@ from traflow_cli.sampling import (
 )
 from traflow_cli.seeding import derive_seed, generator_for
 from traflow_cli.specs import DistillSpec, RunSpec, SpecError, check_teacher_run
-from traflow_cli.traflow import TraFlowConfig, draw_times, traflow_loss, trajectory_from_noise
+from traflow_cli.traflow import (
+    TraFlowConfig,
+    draw_times,
+    start_state,
+    traflow_loss,
+    trajectory_from_noise,
+)
 
 log = logging.getLogger("traflow")
 
@@ -139,10 +146,13 @@ def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, se
               if num_classes else None)
     # Under DDP each rank solves its share of the rows, then every rank gets all of them.
     mine = shard(count)
-    kept = slice(-1, None) if ends_only else slice(None)
-    parts = [trajectory_from_noise(teacher_velocity(teacher, None if labels is None else
-                                                    labels[mine][start:start + batch]),
-                                   chunk, grid, solver)[kept]
+    def solve(velocity: Any, chunk: Tensor) -> Tensor:
+        if ends_only:  # the end alone: no state of the solve is kept
+            return solve_on_grid(velocity, start_state(chunk, grid[0]), grid, method=solver)[None]
+        return trajectory_from_noise(velocity, chunk, grid, solver)
+
+    parts = [solve(teacher_velocity(teacher, None if labels is None else
+                                    labels[mine][start:start + batch]), chunk)
              for start, chunk in zip(range(0, count, batch), noise[mine].split(batch),
                                      strict=False)]
     empty = noise.new_empty((1 if ends_only else len(grid), 0, *shape))
@@ -298,8 +308,11 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     def step_fn(step: int) -> dict[str, Tensor]:
         torch.manual_seed(derive_seed(spec.seed, runtime.rank, step))  # dropout
         gen = generator_for(spec.seed, 0, step, device=runtime.device)
+        # The jitter has its own stream: grid and jittered runs draw the same noise and pairs.
         times = draw_times(grid_host, cfg.batch_size, gen, vel_every=cfg.vel_every,
-                           jittered=cfg.consistency_times == "jittered").rows(rows)
+                           jittered=cfg.consistency_times == "jittered",
+                           jitter_generator=generator_for(spec.seed, 9, step,
+                                                          device=runtime.device)).rows(rows)
         trajectory = labels = None
         if bank is not None:
             pick = torch.randint(len(bank[0]), (cfg.batch_size,), generator=gen,

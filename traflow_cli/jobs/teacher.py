@@ -32,7 +32,7 @@ from traflow_cli.jobs.common import (
     sample_shape,
 )
 from traflow_cli.nets import build_net
-from traflow_cli.runfolder import RunLock, check_output_folder
+from traflow_cli.runfolder import RunLock, check_output_folder, read_record
 from traflow_cli.sampling import teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
 from traflow_cli.specs import RunSpec, SpecError, TeacherSpec
@@ -109,6 +109,10 @@ def build_teacher_step(spec: RunSpec, runtime: Runtime, *, batches: BatchSource 
 def train_teacher(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     """Train v(x, t) by rectified flow on the spec's data; resumes from run_dir if started."""
     _check_labels(spec)
+    saved = read_record(run_dir) if run_dir.is_dir() else None
+    if saved is not None and (saved["spec"].get("reflow") or {}).get("parent"):
+        raise SpecError(f"--out: {run_dir} holds a reflow run; resume it with 'traflow teacher "
+                        "reflow', or choose another --out")
     runtime = runtime_for(spec)
     with claim_run_dir(run_dir, spec, job="teacher", sections=SECTIONS, runtime=runtime) as claim:
         return _train_teacher(spec, claim, runtime)
