@@ -29,6 +29,21 @@ from traflow_cli.jobs.common import sample_shape  # noqa: E402
 from traflow_cli.metrics.agreement import mse_psnr  # noqa: E402
 from traflow_cli.sampling import noise_for_indices, teacher_row_velocity  # noqa: E402
 
+
+def write_grid(images: torch.Tensor, path: Path, columns: int) -> None:
+    """Images [N, C, H, W] in [-1, 1] as one PNG, `columns` a row, each shown at 2x."""
+    from PIL import Image
+
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    n, c, h, w = pixels.shape
+    rows = (n + columns - 1) // columns
+    canvas = torch.zeros(c, rows * h, columns * w, dtype=torch.uint8)
+    for i, image in enumerate(pixels):
+        r, col = divmod(i, columns)
+        canvas[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    picture = Image.fromarray(canvas.permute(1, 2, 0).numpy())
+    picture.resize((picture.width * 2, picture.height * 2), Image.NEAREST).save(path)
+
 DEFAULT_MIDDLE = "0.25,0.3,0.4,0.4167,0.45,0.5,0.55,0.6,0.75"
 
 
@@ -43,6 +58,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None,
                         help="file for the teacher's RK45 ends and middle states (reused)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--grid", type=Path, default=None,
+                        help="PNG of the first 10 noises: rows RK45, 1 jump, 2 jumps (middle 0.5)")
     args = parser.parse_args()
     middles = sorted({float(m) for m in args.middle.split(",")} - {0.0, 1.0})
 
@@ -87,6 +104,9 @@ def main() -> None:
             "first_jump_psnr": round(mse_psnr(first, teacher_m)[1], 3),
             "second_from_teacher_psnr": round(mse_psnr(jumps(teacher_m, m, 1.0), reference)[1], 3),
         }
+    if args.grid:
+        rows = [reference[:10], one[:10], jumps(jumps(noise[:10], 0.0, 0.5), 0.5, 1.0)]
+        write_grid(torch.cat(rows), args.grid, columns=10)
     text = json.dumps(result)
     print(text)
     if args.out:

@@ -41,11 +41,15 @@ def ship(run_dir: Path, out: Path, teacher: str | None) -> Path:
     record["shipped_from"] = {"step": ckpt.step, "weights": prefix}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "spec.json", (json.dumps(record, indent=1) + "\n").encode())
+    written = save_checkpoint(out / "checkpoints", step=ckpt.step,
+                              modules={"ema": ckpt.weights(prefix)}, trainer_state={},
+                              metadata=metadata, keep=1)
     summary = run_dir / "summary.json"
     if summary.is_file():
-        atomic_write_bytes(out / "summary.json", summary.read_bytes())
-    return save_checkpoint(out / "checkpoints", step=ckpt.step, modules={"ema": ckpt.weights(prefix)},
-                           trainer_state={}, metadata=metadata, keep=1)
+        record = json.loads(summary.read_text())
+        record["checkpoint"] = str(written)
+        atomic_write_bytes(out / "summary.json", (json.dumps(record, indent=1) + "\n").encode())
+    return written
 
 
 def main() -> None:
