@@ -52,6 +52,7 @@ class Study:
     ablations: bool = True
     quick: bool = False
     workers: int = 1
+    teacher: Path | None = None  # a finished teacher run (models/cifar10-cpu/teacher): no training
     timings: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -101,15 +102,20 @@ class Study:
                           "data.preload=false") if self.quick else []
         return ["--preset", PRESET, *self.sets(f"data.path={self.data}"), *quick]
 
+    @property
+    def teacher_dir(self) -> Path:
+        """The teacher run the study distills and samples: --teacher, or its own."""
+        return self.teacher or self.root / "teacher"
+
     # -- stages -----------------------------------------------------------------------------
     def train_teacher(self) -> None:
-        if not (self.root / "teacher" / "summary.json").is_file():
+        if self.teacher is None and not (self.root / "teacher" / "summary.json").is_file():
             self.traflow("teacher", "teacher", "train", "--out", self.root / "teacher",
                          *self.common)
 
     def distill(self, name: str, *extra: str) -> None:
         if not (self.root / name / "summary.json").is_file():
-            self.traflow(name, "distill", "--teacher", self.root / "teacher", "--out",
+            self.traflow(name, "distill", "--teacher", self.teacher_dir, "--out",
                          self.root / name, *self.common, *self.sets(*extra))
 
     def export_reference(self) -> Path:
@@ -136,7 +142,8 @@ class Study:
         count = 8 if self.quick else self.samples
         summary = out / "summary.json"
         if not (summary.is_file() and json.loads(summary.read_text())["num_samples"] == count):
-            self.traflow(f"sample {name}", "sample", self.root / run, "-n", count, "--out", out,
+            folder = self.teacher_dir if run == "teacher" else self.root / run
+            self.traflow(f"sample {name}", "sample", folder, "-n", count, "--out", out,
                          *args)
         return out
 
@@ -204,7 +211,7 @@ class Study:
                             "num_samples": fid["num_samples"],
                             "psnr_vs_rk45_db": psnr_folders(folder, rk45) if has_rk45 else None,
                             "sample_seconds": summary["seconds"]})
-        teacher = json.loads((self.root / "teacher" / "summary.json").read_text())
+        teacher = json.loads((self.teacher_dir / "summary.json").read_text())
         out = {"preset": PRESET, "data": str(self.data), "reference_images": str(reference),
                "reference_count": len(list(reference.glob("*.png"))),
                "teacher_steps": teacher["steps"], "rows": results, "timings_s": self.timings,
@@ -290,12 +297,15 @@ def main() -> None:
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="a finished teacher run to use instead of training one "
+                        "(e.g. models/cifar10-cpu/teacher)")
     args = parser.parse_args()
     if args.workers < 1:
         raise SystemExit(f"--workers: must be at least 1, got {args.workers}")
     study = Study(root=args.study_dir, data=resolve_data(args.data), samples=args.samples,
                   ablations=not (args.no_ablations or args.quick), quick=args.quick,
-                  workers=args.workers)
+                  workers=args.workers, teacher=args.teacher)
     out = study.run()
     print((study.root / "results.md").read_text())
     print(json.dumps({"results": str(study.root / "results.json"), "rows": len(out["rows"])}))
