@@ -48,7 +48,7 @@ def test_the_shipped_student_samples_from_the_command_line(tmp_path: Path) -> No
     result = invoke("sample", MODELS / "student", "-n", "16", "--nfe", "1", "--out", out,
                     "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert len(list(out.glob("*.png"))) >= 16
+    assert len(list((out / "images").glob("*.png"))) == 16 and (out / "grid.png").is_file()
 
 
 @pytest.mark.slow

@@ -291,7 +291,7 @@ def test_data_start_and_a_fixed_lambda_weigh_the_terms_as_given() -> None:
     assert float(loss.terms["lambda_vel"]) == 2.0
     # A fixed lambda weighs L_vel as given: total = out + sc + 2 vel + 0.5 fm.
     t = loss.terms
-    assert float(loss.total) == pytest.approx(
+    assert float(loss.total.detach()) == pytest.approx(
         float(t["out"] + t["sc"] + 2.0 * t["vel"] + 0.5 * t["fm"]), rel=1e-6)
     student.zero_grad(set_to_none=True)
     loss.backward()

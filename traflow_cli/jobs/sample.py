@@ -57,6 +57,7 @@ from traflow_cli.models import Student, Teacher, load_student, load_teacher
 from traflow_cli.runfolder import MAX_RECORD_BYTES
 from traflow_cli.sampling import (
     noise_for_indices,
+    resolve_grid,
     rk45_start_time,
     sample_student,
     sample_teacher,
@@ -94,7 +95,9 @@ def generate(model: nn.Module, noise: Tensor, cfg: SampleSpec, labels: Tensor | 
              runtime: Runtime, fresh: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One batch of samples from noise [B, ...]; returns (samples, NFE of each sample [B])."""
     batch = noise.shape[0]
-    grid = None if cfg.time_grid == "native" else cfg.time_grid
+    # The run's own grid for "native": where the student was distilled, the teacher's native.
+    grid = resolve_grid(cfg.time_grid, model.time_grid if isinstance(model, Student)
+                        else model.native_grid)
     with runtime.autocast():
         if isinstance(model, Student):
             times = (student_times(cfg.nfe, cfg.times) if cfg.times is not None else
@@ -102,7 +105,6 @@ def generate(model: nn.Module, noise: Tensor, cfg: SampleSpec, labels: Tensor | 
             x = sample_student(model.net, start_state(noise, times[0]), times, labels=labels,
                                gamma=cfg.gamma, fresh=fresh)
             return x, torch.full((batch,), cfg.nfe)
-        grid = grid or model.native_grid
         if cfg.solver == "rk45":
             # Step sizes per sample: the batch a sample lands in never changes its image.
             t0 = rk45_start_time(grid, model.sigma_range)
