@@ -18,7 +18,7 @@ import torch
 from traflow_cli.flow import interpolate
 from traflow_cli.jobs.common import sample_shape
 from traflow_cli.models import load_student
-from traflow_cli.traflow import jump, jump_derivative
+from traflow_cli.objectives.shared import jump, jump_derivative
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 For each noise z (sample i from the noise of (seed, i), as `traflow sample` draws it) it compares
 with the teacher's RK45 solve Phi(z, 0 -> 1):
-  - one jump G(z, 0, 1), and 2 jumps G(G(z, 0, m), m, 1) for every middle time m;
+  - one jump G(z, 0, 1), 4 jumps at 0, 1/4, 1/2, 3/4, and 2 jumps G(G(z, 0, m), m, 1) for every
+    middle time m;
   - where the 2-jump error comes from: the first jump G(z, 0, m) against the teacher's state
     Phi(z, 0 -> m) (PSNR), and the second jump G(Phi(z, 0 -> m), m, 1) started from the teacher's
     own state (PSNR against RK45).
@@ -94,8 +95,12 @@ def main() -> None:
                               for c in x.split(args.batch)])
 
     one = jumps(noise, 0.0, 1.0)
+    four = noise
+    for t, s in zip((0.0, 0.25, 0.5, 0.75), (0.25, 0.5, 0.75, 1.0), strict=True):
+        four = jumps(four, t, s)
     result = {"student": str(args.student), "n": args.num_samples,
-              "nfe1_psnr": round(mse_psnr(one, reference)[1], 3), "middle": {}}
+              "nfe1_psnr": round(mse_psnr(one, reference)[1], 3),
+              "nfe4_psnr": round(mse_psnr(four, reference)[1], 3), "middle": {}}
     for m in middles:
         first = jumps(noise, 0.0, m)
         teacher_m = saved[f"at_{m}"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from traflow_cli.traflow import jump, jump_derivative
+from traflow_cli.objectives.shared import jump, jump_derivative
 
 
 def _rounds(name: str) -> dict:

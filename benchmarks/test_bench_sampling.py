@@ -6,7 +6,8 @@ import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from traflow_cli.sampling import sample_student, sample_teacher, student_times
+from traflow_cli.grids import student_times
+from traflow_cli.sampling import sample_student, sample_teacher
 
 
 @pytest.mark.parametrize("nfe", [1, 2, 4])

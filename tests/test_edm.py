@@ -13,15 +13,13 @@ from traflow_cli.flow import (
     euler_step,
     evals_on_grid,
     heun_sigma_step,
-    karras_grid,
     solve_on_grid,
-    solver_grid,
-    time_grid,
 )
+from traflow_cli.grids import karras_grid, solver_grid, time_grid
 from traflow_cli.nets import build_net, student_from_teacher
+from traflow_cli.objectives.shared import jump, jump_derivative
 from traflow_cli.sampling import sample_teacher
 from traflow_cli.specs import EDMNetSpec
-from traflow_cli.traflow import jump, jump_derivative
 
 SONG = {"type": "SongUNet", "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
         "attn_resolutions": [4]}

@@ -18,9 +18,10 @@ from conftest import FIXTURES as FIXTURE_DIR
 from safetensors.torch import load_file
 
 from traflow_cli import load_student, load_teacher
+from traflow_cli.grids import teacher_grid
 from traflow_cli.interop import CheckpointFormatError, UnsafePickleError, read_edm_snapshot
 from traflow_cli.jobs.writers import to_uint8
-from traflow_cli.sampling import noise_for_indices, teacher_grid
+from traflow_cli.sampling import noise_for_indices
 
 EDM = EDM_FIXTURES
 # name: (snapshot, io file), all made with EDM's own code (tests/fixtures/README.md): the

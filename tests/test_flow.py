@@ -14,9 +14,9 @@ from traflow_cli.flow import (
     solve_on_grid,
     solve_rk45,
     target_velocity,
-    time_grid,
     trajectory_on_grid,
 )
+from traflow_cli.grids import time_grid
 from traflow_cli.sampling import sample_teacher
 
 

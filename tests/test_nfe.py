@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import EDM_FIXTURES, invoke
 
-from traflow_cli.flow import evals_on_grid, karras_grid, solve_evals, time_grid
+from traflow_cli.flow import evals_on_grid, solve_evals
+from traflow_cli.grids import karras_grid, time_grid
 from traflow_cli.jobs import sample as sample_job
 from traflow_cli.models import load_teacher
 from traflow_cli.sampling import sample_teacher, teacher_nfe, teacher_velocity

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from traflow_cli.engine.runtime import RuntimeSetupError, resolve_device
 from traflow_cli.flow import solve_rk45, solve_rk45_per_sample
-from traflow_cli.sampling import student_times, teacher_row_velocity, teacher_velocity
+from traflow_cli.grids import student_times
+from traflow_cli.sampling import teacher_row_velocity, teacher_velocity
 from traflow_cli.specs import SampleSpec
 
 TIMES = [

@@ -9,17 +9,20 @@ import pytest
 import torch
 from torch import nn
 
-from traflow_cli.flow import time_grid, trajectory_on_grid
+from traflow_cli.flow import trajectory_on_grid
+from traflow_cli.grids import time_grid
 from traflow_cli.nets import build_net, student_from_teacher
-from traflow_cli.traflow import (
-    TeacherSolve,
-    TraFlowConfig,
+from traflow_cli.objectives.shared import (
     cell_time,
     draw_times,
     jump,
     jump_derivative,
     jump_rows,
     sample_grid_indices,
+)
+from traflow_cli.objectives.traflow import (
+    TeacherSolve,
+    TraFlowConfig,
     solve_teacher,
     student_terms,
     traflow_loss,
@@ -536,11 +539,13 @@ def test_draws_per_solve_shares_one_teacher_solve_among_k_rows(
 
     teacher = build_net(resolve_spec("toy2d").net_config()).requires_grad_(False)
     seen: list[tuple] = []  # (noise, trajectory, times) of each loss call
-    real_loss = distill.traflow_loss
+    config_class, real_loss = distill.OBJECTIVES["traflow"]
 
-    def recording_loss(*args, **kwargs):
-        seen.append((args[3], kwargs["trajectory"], kwargs["times"]))
-        return real_loss(*args, **kwargs)
+    def recording_loss(batch, config):
+        seen.append((batch.noise, batch.trajectory, batch.times))
+        return real_loss(batch, config)
+
+    monkeypatch.setitem(distill.OBJECTIVES, "traflow", (config_class, recording_loss))
 
     evals = {}
     for k in (1, 4):
@@ -548,7 +553,6 @@ def test_draws_per_solve_shares_one_teacher_solve_among_k_rows(
                                       "distill.grid_steps=6", "distill.trajectory_cache=0"])
         step = distill.build_distill_step(spec, Runtime(device=torch.device("cpu")), teacher,
                                           cache_file=None)
-        monkeypatch.setattr(distill, "traflow_loss", recording_loss)
         with count_evaluations({"teacher": teacher}, batch=32) as counts:
             metrics = step.step_fn(0)
         assert torch.isfinite(metrics["loss"])

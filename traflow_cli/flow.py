@@ -47,14 +47,6 @@ def rectified_flow_loss(velocity: Velocity, noise: Tensor, data: Tensor, t: Tens
     return err.flatten(1).mean(1)
 
 
-def time_grid(num_steps: int, *, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> Tensor:
-    """Uniform grid 0 = tau_0 < ... < tau_N = 1, [N + 1]."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return torch.linspace(0.0, 1.0, num_steps + 1, device=device, dtype=dtype)
-
-
 def euler_step(velocity: Velocity, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
     """One Euler step from t [B] to s [B]."""
     return x + per_sample(s - t, x) * velocity(x, t)
@@ -119,52 +111,11 @@ def evals_on_grid(method: str, grid: Tensor) -> int:
 # teacher is only evaluated inside them (and inside its own training range).
 EDM_SIGMA_MIN = 0.002
 EDM_SIGMA_MAX = 80.0
-KARRAS_RHO = 7.0
 
 
 def time_of_sigma(sigma: float) -> float:
     """The time whose EDM noise level is sigma: t = 1 / (1 + sigma) (sigma = (1 - t) / t)."""
     return 1.0 / (1.0 + sigma)
-
-
-def karras_grid(num_steps: int, *, sigma_min: float = EDM_SIGMA_MIN,
-                sigma_max: float = EDM_SIGMA_MAX, rho: float = KARRAS_RHO,
-                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
-    """EDM's time steps as times: t_i = 1 / (1 + sigma_i) for i < N, then t_N = 1; [N + 1].
-
-    sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
-    falls from sigma_max to sigma_min (N = 1: sigma_max alone); the last step goes to sigma = 0,
-    the data end. Computed in float64, as EDM does, then cast.
-    """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    frac = torch.arange(num_steps, dtype=torch.float64) / max(num_steps - 1, 1)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (hi + frac * (lo - hi)) ** rho
-    times = torch.cat([1 / (1 + sigmas), torch.ones(1, dtype=torch.float64)])
-    return times.to(device=device, dtype=dtype)
-
-
-GRIDS = ("uniform", "karras")
-
-
-def solver_grid(kind: str, num_steps: int, *, t_start: float = 0.0,
-                sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX,
-                rho: float = KARRAS_RHO, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> Tensor:
-    """A teacher's time grid [N + 1]: "uniform" from t_start to 1 (t_start = 0 is time_grid), or
-    "karras" (EDM's noise levels between sigma_min and sigma_max; it starts at
-    1 / (1 + sigma_max) whatever t_start is)."""
-    if kind == "uniform":
-        if t_start == 0.0:
-            return time_grid(num_steps, device=device, dtype=dtype)
-        return torch.linspace(t_start, 1.0, num_steps + 1, device=device, dtype=dtype)
-    if kind == "karras":
-        return karras_grid(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                           device=device, dtype=dtype)
-    raise ValueError(f"grid must be one of {GRIDS}, got {kind!r}")
 
 
 def solve_on_grid(velocity: Velocity, x: Tensor, grid: Tensor, *, method: str = "heun") -> Tensor:

@@ -21,18 +21,17 @@ from traflow_cli.engine.checkpoint import (
     run_checkpoint,
     sha256_file,
 )
-from traflow_cli.flow import GRIDS
+from traflow_cli.grids import GRIDS, student_grid_times
 from traflow_cli.nets import build_net
 from traflow_cli.nets.limits import check_net_limits
+from traflow_cli.objectives.shared import call_net, jump
 from traflow_cli.sampling import (
     sample_student,
     sample_teacher,
     start_state,
-    student_grid_times,
     teacher_velocity,
 )
 from traflow_cli.specs import NetSpec
-from traflow_cli.traflow import call_net, jump
 
 MAX_GRID_STEPS = 100_000
 _EDITED = "the checkpoint was edited or written by another tool; restore it or use an earlier one"

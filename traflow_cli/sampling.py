@@ -9,19 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from traflow_cli.flow import (
-    EDM_SIGMA_MAX,
-    EDM_SIGMA_MIN,
     EVALS_PER_STEP,
     RowVelocity,
     Velocity,
     solve_evals,
     solve_on_grid,
     solve_rk45,
-    solver_grid,
-    time_of_sigma,
 )
-from traflow_cli.times import check_sampling_times
-from traflow_cli.traflow import jump, start_state
+from traflow_cli.grids import SigmaRange, rk45_start_time, teacher_grid
+from traflow_cli.objectives.shared import jump, start_state
 
 TEACHER_SOLVERS = ("euler", "heun", "rk45")
 
@@ -35,17 +31,6 @@ def noise_for_indices(indices: Sequence[int], shape: Sequence[int], seed: int) -
     rows = [np.random.Generator(np.random.PCG64([seed, int(i)])).standard_normal(
         tuple(shape), dtype=np.float32) for i in indices]
     return torch.from_numpy(np.stack(rows)) if rows else torch.empty((0, *shape))
-
-
-def student_times(nfe: int, times: Sequence[float] | None = None) -> Tensor:
-    """Sampling times 0 = t_0 < ... < t_M = 1: uniform with M = nfe, or the given list."""
-    if times is not None:
-        grid = torch.tensor(list(times), dtype=torch.float32)
-        # Checked as float32, the precision the jumps use: times that differ only in float64
-        # would make a zero-length jump.
-        check_sampling_times(grid.tolist(), nfe)
-        return grid
-    return torch.linspace(0.0, 1.0, nfe + 1)
 
 
 @torch.no_grad()
@@ -83,41 +68,6 @@ def sample_student(net: nn.Module, noise: Tensor, times: Tensor, *, labels: Tens
     return x
 
 
-# An EDM teacher's (sigma_lo, sigma_hi), the noise levels it is evaluated between (EDMNet's
-# sigma_range); None for a rectified flow, whose velocity is defined on all of [0, 1].
-SigmaRange = tuple[float, float] | None
-
-
-def resolve_grid(choice: str, native: str) -> str:
-    """"uniform" or "karras": a spec's time_grid choice, "native" being the run's own grid (an
-    EDM teacher's Karras grid, the grid a student was distilled on)."""
-    return native if choice == "native" else choice
-
-
-def teacher_start_time(grid: str, sigma_range: SigmaRange) -> float:
-    """Where a teacher solve starts: t = 0 for a rectified flow on a uniform grid, else
-    t_min = 1 / (1 + sigma_max), where EDM's sampler starts (sigma_max = 80 unless the teacher's
-    range ends lower)."""
-    if sigma_range is None and grid == "uniform":
-        return 0.0
-    return time_of_sigma((sigma_range or (EDM_SIGMA_MIN, EDM_SIGMA_MAX))[1])
-
-
-def rk45_start_time(grid: str, sigma_range: SigmaRange) -> float:
-    """Where an adaptive (RK45) solve starts: t = 0 for a rectified flow whatever the grid,
-    else where the EDM teacher's range begins."""
-    return teacher_start_time(grid, sigma_range) if sigma_range is not None else 0.0
-
-
-def teacher_grid(grid: str, steps: int, sigma_range: SigmaRange = None, *,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
-    """A teacher's time grid [steps + 1]: "uniform" (from teacher_start_time to 1) or "karras"
-    (EDM's noise levels in the teacher's range, or EDM's 0.002 .. 80 for a rectified flow)."""
-    lo, hi = sigma_range or (EDM_SIGMA_MIN, EDM_SIGMA_MAX)
-    return solver_grid(grid, steps, t_start=teacher_start_time(grid, sigma_range), sigma_min=lo,
-                       sigma_max=hi, device=device, dtype=dtype)
-
-
 def teacher_stepper(solver: str, sigma_range: SigmaRange) -> str:
     """The flow.STEPPERS name of a solver for a teacher: Heun in EDM's coordinates for an EDM
     teacher (as EDM's sampler; a Heun step in t is a different step there), else as named."""
@@ -131,25 +81,6 @@ def teacher_nfe(solver: str, steps: int, sigma_range: SigmaRange = None) -> int:
     ends at the data end): Euler N, Heun 2N, and 2N - 1 for Heun on an EDM teacher, whose last
     step is Euler as in EDM's sampler (flow.solve_evals)."""
     return solve_evals(teacher_stepper(solver, sigma_range), steps)
-
-
-def student_grid_times(nfe: int, grid: str, grid_steps: int, sigma_range: SigmaRange = None
-                       ) -> Tensor:
-    """A student's `nfe` jump times [nfe + 1], from where its teacher's solves started to 1.
-
-    "uniform": evenly spaced in t (0, 1/nfe, ..., 1 for a rectified flow). "karras": points of
-    the Karras grid the student was distilled on (`grid_steps` steps), at evenly spaced indices,
-    since its consistency terms taught it to jump between exactly those points; more jumps
-    than grid points take a Karras grid of `nfe` steps.
-    """
-    if grid == "karras":
-        if nfe > grid_steps:
-            return teacher_grid("karras", nfe, sigma_range)
-        points = teacher_grid("karras", grid_steps, sigma_range)
-        return points[torch.linspace(0, grid_steps, nfe + 1).round().long()]
-    if grid != "uniform":
-        raise ValueError(f"grid must be 'uniform' or 'karras', got {grid!r}")
-    return torch.linspace(teacher_start_time("uniform", sigma_range), 1.0, nfe + 1)
 
 
 @torch.no_grad()

@@ -240,11 +240,44 @@ class ReflowSpec(TeacherSpec):
     solver_steps: SolverSteps = 100  # Phi's steps on a uniform grid: the pairs' accuracy
 
 
+class CTMSpec(Section):
+    """`distill.method = "ctm"`: consistency trajectory distillation (objectives/ctm.py)."""
+
+    # The denoising anchor on real data (CTM's DSM); 0 makes CTM data-free.
+    w_dsm: NonNegativeFloat = 1.0
+
+
+class LagrangianSpec(Section):
+    """`distill.method = "lagrangian"`: dG/ds = v(G, s) (objectives/lagrangian.py)."""
+
+    # The fraction of rows with s = r, where the condition is u(x, r, r) = v(x, r).
+    diagonal: Unit = 0.75
+
+
+class EulerianSpec(Section):
+    """`distill.method = "eulerian"`: MeanFlow's identity with the teacher (objectives/eulerian.py)."""
+
+    diagonal: Unit = 0.75  # MeanFlow's best: 25% of rows with s != r
+    adaptive_p: Annotated[float, Field(strict=True, ge=0.0, le=2.0)] = 1.0
+    adaptive_c: PositiveFloat = 1e-3
+
+
+# Each method's own section in `distill`; TraFlow's fields are distill's own (the default).
+METHOD_SECTIONS = {"ctm": CTMSpec, "lagrangian": LagrangianSpec, "eulerian": EulerianSpec}
+
+
 class DistillSpec(TrainingSpec):
-    """TraFlow distillation (METHOD.md); field names follow traflow.TraFlowConfig (derivative
-    "auto" is resolved per runtime by jobs.distill.velocity_derivative)."""
+    """Distillation (METHOD.md): the engine's fields, TraFlow's (the default method; names follow
+    objectives.traflow.TraFlowConfig), and the chosen method's section (derivative "auto" is
+    resolved per runtime by jobs.distill.velocity_derivative)."""
 
     teacher: str | None = None
+    # The objective: traflow (default), ctm, lagrangian or eulerian (objectives/); a method
+    # other than traflow reads its own section, e.g. [distill.ctm], and none of TraFlow's weights.
+    method: Literal["traflow", "ctm", "lagrangian", "eulerian"] = "traflow"
+    ctm: CTMSpec | None = None
+    lagrangian: LagrangianSpec | None = None
+    eulerian: EulerianSpec | None = None
     grid_steps: SolverSteps = 18
     teacher_solver: Literal["heun", "euler"] = "heun"
     # The teacher's time grid: "native" is the teacher run's own ("karras" for EDM imports,
@@ -273,13 +306,38 @@ class DistillSpec(TrainingSpec):
     sc_inner: Literal["target", "online"] = "target"
     target_ema: Unit = 0.9999
     trajectory_cache: NonNegativeInt = 0
+    # Where the cache lives: the run folder's own file (None), or a file several runs of one
+    # teacher share (a sweep over methods or settings solves the teacher once). Every read
+    # checks the file's key (teacher digest, grid, solver, count, seed) and its tensors' digest.
+    trajectory_cache_file: str | None = None
     # Teacher solved every step (no cache): K consecutive rows share one noise and its solve,
     # each with its own time draw, so the step pays N Heun steps for B / K trajectories.
     draws_per_solve: PositiveInt = 1
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_section(cls, raw: Any) -> Any:
+        # The chosen method's section exists (with its defaults) even where no field of it is set.
+        if isinstance(raw, dict) and raw.get("method") in METHOD_SECTIONS and \
+                raw.get(raw["method"]) is None:
+            raw = {**raw, raw["method"]: {}}
+        return raw
+
     @model_validator(mode="after")
     def _coherent(self) -> DistillSpec:
-        if self.w_out == self.w_vel == self.w_sc == self.w_fm == 0:
+        for name in METHOD_SECTIONS:
+            if name != self.method and getattr(self, name) is not None:
+                raise ValueError(f"distill.{name} is set but distill.method is {self.method!r}; "
+                                 f"set distill.method={name}, or remove the [distill.{name}] "
+                                 "section")
+        if self.method != "traflow":
+            if self.start != "teacher":
+                raise ValueError(f"distill.start: method {self.method!r} starts from the "
+                                 "teacher's trajectory from noise; set distill.start=teacher")
+            if self.draws_per_solve > 1:
+                raise ValueError(f"distill.draws_per_solve: method {self.method!r} takes one "
+                                 "teacher solve per row; set distill.draws_per_solve=1")
+        if self.method == "traflow" and self.w_out == self.w_vel == self.w_sc == self.w_fm == 0:
             raise ValueError("every loss weight is 0; set at least one of w_out, w_vel, w_sc, w_fm")
         if self.start == "data" and self.trajectory_cache > 0:
             raise ValueError("trajectory_cache needs start='teacher' (cached solves start at noise)")
@@ -415,7 +473,7 @@ class RunSpec(Section):
 
 # Fields a resumed run may change: how long it runs and how often it reports or saves.
 RESUME_SAFE = {"duration_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-               "device", "nonfinite"}
+               "device", "nonfinite", "trajectory_cache_file"}
 
 
 def _without_resume_safe(section: Any) -> Any:

@@ -1,6 +1,6 @@
 """The rule for a student's sampling times, stdlib only: the spec and the sampler both apply it.
 
-Core (sampling.py) may not import pydantic and specs.py may not import torch, so the one
+Core (grids.py) may not import pydantic and specs.py may not import torch, so the one
 definition lives here, below both (METHOD.md, "Sampling the student").
 """
 

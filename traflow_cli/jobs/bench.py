@@ -27,16 +27,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from traflow_cli.engine.runtime import Runtime
 from traflow_cli.errors import UserError
+from traflow_cli.grids import student_times
 from traflow_cli.jobs.batches import BatchSource, make_batch_source
 from traflow_cli.jobs.common import sample_shape
 from traflow_cli.jobs.distill import build_distill_step, cache_allowed
 from traflow_cli.jobs.teacher import build_teacher_step
 from traflow_cli.models import load_student, load_teacher
 from traflow_cli.nets import build_net, student_from_teacher
-from traflow_cli.sampling import sample_student, sample_teacher, student_times, teacher_velocity
+from traflow_cli.objectives.shared import call_net
+from traflow_cli.sampling import sample_student, sample_teacher, teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
 from traflow_cli.specs import RunSpec, SpecError, build_spec
-from traflow_cli.traflow import call_net
 
 Row = dict[str, Any]
 
@@ -246,7 +247,7 @@ def distill_train_steps(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module,
             update={"trajectory_cache": cache})})
         step = build_distill_step(variant, runtime, teacher_net, cache_file=None, batches=batches)
         steps.append(BenchedStep(
-            {"solver": "traflow", "teacher_solve": step.teacher_solve, "data": data,
+            {"solver": step.method, "teacher_solve": step.teacher_solve, "data": data,
              "derivative": step.derivative, "vel_every": spec.distill.vel_every,
              "draws_per_solve": step.draws_per_solve},
             step.step_fn, {"student": step.student, "target": step.target,

@@ -1,4 +1,5 @@
-"""`traflow distill`: TraFlow distillation of a teacher run into a few-step student.
+"""`traflow distill`: distillation of a teacher run into a few-step student, by the objective
+spec.distill.method names (objectives/: traflow by default, ctm, lagrangian, eulerian).
 
 One step (`build_distill_step`'s `step_fn`), top to bottom; every random draw derives from
 (seed, step), so a resumed run repeats exactly the steps an uninterrupted one takes:
@@ -7,9 +8,8 @@ One step (`build_distill_step`'s `step_fn`), top to bottom; every random draw de
 2. noise: rows of the trajectory cache (with their teacher trajectories and classes), or fresh
    noise (and classes drawn uniformly for a class-conditional teacher), one draw for every
    `draws_per_solve` rows, which then share its teacher solve; data when a term reads it;
-3. the teacher's side, without gradient: its trajectory on the grid (solved now unless cached),
-   then the targets: x_t, the G^- ends of L_out and L_sc, the chord of L_vel (traflow.py);
-4. the student's side: its terms against those targets, the adaptive lambda, the total;
+3-4. the objective's loss on the batch (objectives/): the teacher's side without gradient (its
+   trajectory on the grid, solved now unless cached, and the targets), then the student's terms;
 5. backward, then the optimiser step (learning-rate warm-up, gradient clipping), then the
    target EMA G^- and the evaluation EMA.
 `traflow bench` times this same step function (jobs/bench.py).
@@ -36,8 +36,9 @@ from traflow_cli.engine.distributed import all_mean, gather_shards, rank, shard,
 from traflow_cli.engine.ema import make_ema, update_ema
 from traflow_cli.engine.records import atomic_write_bytes
 from traflow_cli.engine.runtime import Runtime
-from traflow_cli.errors import one_line
+from traflow_cli.errors import one_line, writing
 from traflow_cli.flow import solve_on_grid
+from traflow_cli.grids import SigmaRange, resolve_grid, teacher_grid
 from traflow_cli.jobs.batches import BatchSource, global_normal, make_batch_source
 from traflow_cli.jobs.common import (
     RunClaim,
@@ -52,22 +53,12 @@ from traflow_cli.jobs.common import (
 )
 from traflow_cli.models import Teacher, load_teacher
 from traflow_cli.nets import student_from_teacher
-from traflow_cli.sampling import (
-    SigmaRange,
-    resolve_grid,
-    teacher_grid,
-    teacher_stepper,
-    teacher_velocity,
-)
+from traflow_cli.objectives import OBJECTIVES, Batch
+from traflow_cli.objectives.shared import draw_times, start_state, trajectory_from_noise
+from traflow_cli.objectives.traflow import TraFlowConfig
+from traflow_cli.sampling import teacher_stepper, teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
 from traflow_cli.specs import DistillSpec, RunSpec, SpecError, check_teacher_run
-from traflow_cli.traflow import (
-    TraFlowConfig,
-    draw_times,
-    start_state,
-    traflow_loss,
-    trajectory_from_noise,
-)
 
 log = logging.getLogger("traflow")
 
@@ -79,6 +70,34 @@ def traflow_config(section: DistillSpec) -> TraFlowConfig:
     defines each with the same default; tests/test_traflow.py checks it)."""
     return TraFlowConfig(**{f.name: getattr(section, f.name)
                             for f in dataclasses.fields(TraFlowConfig)})
+
+
+def objective_config(section: DistillSpec, *, teacher_solver: str, derivative: str) -> Any:
+    """The chosen method's config (objectives/): its section's fields, with the engine's teacher
+    stepper and the runtime's derivative wherever the method has such a field."""
+    config_class = OBJECTIVES[section.method][0]
+    names = {f.name for f in dataclasses.fields(config_class)}
+    if section.method == "traflow":
+        fields = {name: getattr(section, name) for name in names}
+    else:
+        own = getattr(section, section.method).model_dump()
+        shared = {name: getattr(section, name) for name in ("distance", "huber_c", "fd_step")}
+        fields = {name: value for name, value in {**shared, **own}.items() if name in names}
+    engine = {"teacher_solver": teacher_solver, "derivative": derivative}
+    return config_class(**{**fields, **{k: v for k, v in engine.items() if k in names}})
+
+
+def reads_data(section: DistillSpec) -> bool:
+    """Whether the chosen objective reads a data batch each step."""
+    if section.method == "traflow":
+        return section.start == "data" or section.w_fm > 0
+    return section.method == "ctm" and section.ctm is not None and section.ctm.w_dsm > 0
+
+
+def diagonal_fraction(section: DistillSpec) -> float:
+    """The fraction of rows the time draw puts on the diagonal s = r (two-time methods)."""
+    own = getattr(section, section.method, None) if section.method != "traflow" else None
+    return float(getattr(own, "diagonal", 0.0))
 
 
 def distill_grid(section: DistillSpec, native_grid: str, sigma_range: SigmaRange,
@@ -205,7 +224,9 @@ def velocity_derivative(section: DistillSpec, runtime: Runtime) -> str:
     rounds = runtime.amp_dtype is not None or runtime.tf32
     if section.derivative == "auto":
         return "jvp" if rounds else "fd"
-    if section.derivative == "fd" and section.w_vel > 0 and rounds:
+    differentiates = section.method in ("lagrangian", "eulerian") or (
+        section.method == "traflow" and section.w_vel > 0)
+    if section.derivative == "fd" and differentiates and rounds:
         raise SpecError("distill.derivative: 'fd' differences two jumps 2 x fd_step apart, which "
                         "bf16 and TF32 round to noise; set runtime.precision=fp32 and "
                         "runtime.tf32=false, or use distill.derivative=jvp (or auto)")
@@ -216,7 +237,7 @@ def reads_data_labels(spec: RunSpec) -> bool:
     """Whether the classes of a batch come from the data: a class-conditional teacher, labelled
     data, and a term that reads the data. Otherwise each solve draws its class uniformly."""
     cfg = spec.distill
-    return ((cfg.start == "data" or cfg.w_fm > 0) and spec.data.use_labels
+    return (reads_data(cfg) and spec.data.use_labels
             and spec.net_config().get("num_classes", 0) > 0)
 
 
@@ -238,6 +259,7 @@ class DistillStep:
     teacher_solve: str     # "cached" or "per step"
     derivative: str        # how L_vel's dG/ds is taken here: "jvp" or "fd"
     draws_per_solve: int   # rows per teacher solve here (1 with a cache: no solve in the step)
+    method: str = "traflow"  # the objective (objectives/)
 
     @property
     def saved_modules(self) -> dict[str, nn.Module]:
@@ -255,11 +277,13 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     `inputs_checked` is called once everything but the (long) teacher solves has been checked;
     `native_grid` is the teacher run's own grid ("karras" for EDM imports); `teacher_sha256`
     names the teacher's weights in the trajectory cache's key."""
-    cfg, tf = spec.distill, traflow_config(spec.distill)
+    cfg = spec.distill
     sigma_range: SigmaRange = teacher_net.sigma_range  # an EDM teacher's; None for a rectified flow
     # Heun on an EDM teacher steps in EDM's coordinates (x / t against sigma), as its sampler.
-    tf = dataclasses.replace(tf, teacher_solver=teacher_stepper(tf.teacher_solver, sigma_range),
-                             derivative=velocity_derivative(cfg, runtime))
+    solver = teacher_stepper(cfg.teacher_solver, sigma_range)
+    derivative = velocity_derivative(cfg, runtime)
+    objective, diagonal = OBJECTIVES[cfg.method][1], diagonal_fraction(cfg)
+    method_config = objective_config(cfg, teacher_solver=solver, derivative=derivative)
     config = spec.net_config()
     torch.manual_seed(derive_seed(spec.seed, 5))  # the s branch's initial weights
     student = runtime.place(student_from_teacher(teacher_net, config))
@@ -284,7 +308,7 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     shape = sample_shape(config)
     grid = distill_grid(cfg, native_grid, sigma_range, runtime.device)
     grid_host = grid.cpu()  # the time draw reads grid[0] on the host: no device sync per step
-    needs_data = cfg.start == "data" or cfg.w_fm > 0
+    needs_data = reads_data(cfg)
     if needs_data and batches is None:
         batches = make_batch_source(spec.data, seed=spec.seed, global_batch=cfg.batch_size,
                                     runtime=runtime, net_classes=config.get("num_classes", 0))
@@ -301,7 +325,7 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     bank = None
     if cfg.trajectory_cache:
         bank = teacher_trajectories(teacher, shape, count=cfg.trajectory_cache, seed=spec.seed,
-                                    grid=grid, solver=tf.teacher_solver, device=runtime.device,
+                                    grid=grid, solver=solver, device=runtime.device,
                                     num_classes=num_classes, cache_file=cache_file,
                                     teacher_sha256=teacher_sha256)
 
@@ -312,7 +336,10 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
         times = draw_times(grid_host, cfg.batch_size, gen, vel_every=cfg.vel_every,
                            jittered=cfg.consistency_times == "jittered",
                            jitter_generator=generator_for(spec.seed, 9, step,
-                                                          device=runtime.device)).rows(rows)
+                                                          device=runtime.device),
+                           diagonal=diagonal,
+                           diagonal_generator=generator_for(spec.seed, 10, step,
+                                                            device=runtime.device)).rows(rows)
         trajectory = labels = None
         if bank is not None:
             pick = torch.randint(len(bank[0]), (cfg.batch_size,), generator=gen,
@@ -331,13 +358,14 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
         with runtime.autocast():
             if share > 1:  # one solve per noise, read by its `share` rows as a cached one is
                 trajectory = trajectory_from_noise(teacher_velocity(teacher, labels), noise, grid,
-                                                   tf.teacher_solver).repeat_interleave(share, 1)
+                                                   solver).repeat_interleave(share, 1)
                 noise = runtime.place_batch(noise.repeat_interleave(share, dim=0))
                 labels = None if labels is None else labels.repeat_interleave(share)
-            loss = traflow_loss(model, target, teacher_velocity(teacher, labels), noise,
-                                config=tf, grid=grid, times=times, data=data, labels=labels,
-                                last_layer=last_layer, trajectory=trajectory, grad_mean=all_mean,
-                                online=student)
+            loss = objective(Batch(student=model, online=student, target=target,
+                                   teacher=teacher_velocity(teacher, labels), noise=noise,
+                                   grid=grid, times=times, trajectory=trajectory, data=data,
+                                   labels=labels, last_layer=last_layer, grad_mean=all_mean),
+                             method_config)
         loss.backward()
         grad_norm = optimizer_step(optimizer, params, step, cfg)
         update_ema(target, student, cfg.target_ema)
@@ -349,7 +377,18 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     return DistillStep(student=student, target=target, ema=ema, teacher=teacher_net,
                        optimizer=optimizer, step_fn=step_fn,
                        teacher_solve="cached" if bank is not None else "per step",
-                       derivative=tf.derivative, draws_per_solve=share)
+                       derivative=derivative, draws_per_solve=share, method=cfg.method)
+
+
+def trajectory_cache_path(section: DistillSpec, run_dir: Path) -> Path:
+    """The trajectory cache's file: distill.trajectory_cache_file (its folder made), or the run
+    folder's own."""
+    if section.trajectory_cache_file is None:
+        return run_dir / "teacher_trajectories.safetensors"
+    path = Path(section.trajectory_cache_file).expanduser()
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def distill(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
@@ -366,7 +405,7 @@ def _distill(spec: RunSpec, claim: RunClaim, runtime: Runtime, teacher: Teacher
     if claim.resumed:
         check_same_teacher(claim.run_dir, teacher, cfg.teacher)
     step = build_distill_step(spec, runtime, runtime.place(teacher.net),
-                              cache_file=claim.run_dir / "teacher_trajectories.safetensors",
+                              cache_file=trajectory_cache_path(cfg, claim.run_dir),
                               inputs_checked=claim.write_record, native_grid=teacher.native_grid,
                               teacher_sha256=teacher.sha256)
     metadata = net_metadata(spec.net_config(), "student", teacher=str(cfg.teacher),

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from traflow_cli.flow import time_grid
+from traflow_cli.grids import time_grid
 from traflow_cli.jobs.common import (
     RunClaim,
     claim_run_dir,

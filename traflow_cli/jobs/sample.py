@@ -36,6 +36,7 @@ from traflow_cli.engine.records import atomic_write_json, write_summary
 from traflow_cli.engine.runtime import Runtime
 from traflow_cli.errors import Interrupted, one_line
 from traflow_cli.flow import solve_rk45_per_sample
+from traflow_cli.grids import resolve_grid, rk45_start_time, student_times
 from traflow_cli.jobs.common import RunClaim, claim_run_dir, sample_shape
 from traflow_cli.jobs.writers import (
     PNGWriter,
@@ -57,12 +58,9 @@ from traflow_cli.models import Student, Teacher, load_student, load_teacher
 from traflow_cli.runfolder import MAX_RECORD_BYTES
 from traflow_cli.sampling import (
     noise_for_indices,
-    resolve_grid,
-    rk45_start_time,
     sample_student,
     sample_teacher,
     start_state,
-    student_times,
     teacher_nfe,
     teacher_row_velocity,
     teacher_velocity,

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from traflow_cli.flow import per_sample
-from traflow_cli.traflow import jump, jump_derivative
+from traflow_cli.objectives.shared import jump, jump_derivative
 
 
 def mse_psnr(x: Tensor, reference: Tensor) -> tuple[float, float]:

@@ -1,36 +1,44 @@
-"""TraFlow trajectory distillation: the objective of docs/METHOD.md, in plain PyTorch.
+"""TraFlow trajectory distillation (METHOD.md, "The objective"), in plain PyTorch.
 
-Notation follows METHOD.md: t = 0 is noise, t = 1 is data; the student jumps with
-G(x_t, t, s) = x_t + (s - t) * u(x_t, t, s); G^- is the student with its target-EMA weights;
-Phi is the teacher's ODE solve on the grid tau_0 < ... < tau_N = 1 (tau_0 = 0 for a uniform grid;
-a grid may start above 0, and the solve then starts there from (1 - tau_0) * noise).
+    L = w_out L_out + w_sc L_sc + w_vel lambda L_vel (+ w_fm L_fm)
+    L_out = d(G^-(G(x_t, t, s), s, 1), G^-(Phi(x_t, t -> s), s, 1))          output
+    L_sc  = d(G^-(G(x_t, t, s), s, 1), G^-(G^-(Phi(x_t, t -> u), u, s), s, 1))  self-consistency
+    L_vel = || dG(x_r, r, s)/ds - (x_hat - noise) ||^2, x_r on the chord       velocity
 
 One loss call has two sides, as METHOD.md's "Cost per step" splits it:
 - without gradient: the teacher's trajectory (`solve_teacher`, or a cached one) and, from it,
   the targets (`traflow_targets`: x_t, the G^- ends of L_out and L_sc, the chord of L_vel);
 - with gradient: the student's terms against those targets (`student_terms`).
+Notation and the shared pieces (the jump G, the time draw, the teacher's states): shared.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from traflow_cli.flow import (
-    STEPPERS,
-    TRAIN_EPS,
-    Velocity,
-    interpolate,
-    per_sample,
-    pick,
-    sample_train_times,
-    solve_on_grid,
-    target_velocity,
-    trajectory_on_grid,
+from traflow_cli.flow import Velocity, interpolate, solve_on_grid, target_velocity, trajectory_on_grid
+from traflow_cli.objectives.shared import (
+    Batch,
+    ObjectiveLoss,
+    TimeDraw,
+    call_net,
+    consistency_states,
+    distance,
+    jump,
+    jump_and_derivative,
+    jump_rows,
+    repeat_labels,
+    start_state,
+    teacher_state_at,
+    trajectory_from_noise,
 )
+
+# The name TraFlow's callers have always used for its loss.
+TraFlowLoss = ObjectiveLoss
 
 
 @dataclass(frozen=True)
@@ -70,162 +78,11 @@ class TraFlowConfig:
     sc_inner: str = "target"
 
 
-@dataclass
-class TraFlowLoss:
-    """The scalar to minimise and each term, detached, for logging. `total.backward()` (or
-    `backward()`) gives d total / d weights: with the adaptive lambda, the consistency terms'
-    gradient at the student's jump was already taken once (freeing G^-'s graph), and `total`
-    carries it as a surrogate of the same value and gradient (see `_with_jump_gradient`)."""
-
-    total: Tensor
-    terms: dict[str, Tensor] = field(default_factory=dict)
-
-    def backward(self) -> None:
-        """d total / d weights into the weights' .grad."""
-        self.total.backward()
-
-
 def _with_jump_gradient(value: Tensor, student_jump: Tensor, jump_grad: Tensor) -> Tensor:
     """A scalar equal to `value` whose gradient is jump_grad pulled back through G(x_t, t, s):
     <G, g> - sg[<G, g>] adds 0 to the value and g dG/dweights to the gradient."""
     inner = (student_jump * jump_grad).sum()
     return value.detach() + (inner - inner.detach())
-
-
-def call_net(net: nn.Module, x: Tensor, t: Tensor, s: Tensor | None = None,
-             labels: Tensor | None = None) -> Tensor:
-    """net(x, t[, s]) with class labels passed only to conditional networks."""
-    args = (x, t) if s is None else (x, t, s)
-    return net(*args) if labels is None else net(*args, class_labels=labels)
-
-
-def jump(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None = None) -> Tensor:
-    """G(x, t, s) = x + (s - t) * u(x, t, s); x [B, ...], t, s [B]. G(x, t, t) = x exactly."""
-    return x + per_sample(s - t, x) * call_net(net, x, t, s, labels)
-
-
-def jump_rows(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None = None,
-              rows: Tensor | None = None) -> Tensor:
-    """G(x, t, s) [B, ...] with only `rows` [M] (those where s != t) through the network: the
-    others are G(x, t, t) = x exactly, so they cost nothing (and pass gradients unchanged)."""
-    if rows is None or len(rows) == len(x):
-        return jump(net, x, t, s, labels)
-    if len(rows) == 0:
-        return x
-    moved = jump(net, x[rows], t[rows], s[rows], None if labels is None else labels[rows])
-    return x.index_copy(0, rows, moved.to(x.dtype))
-
-
-def jump_derivative(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None = None,
-                    *, method: str = "jvp", fd_step: float = 1e-4) -> Tensor:
-    """dG(x, t, s)/ds = u + (s - t) du/ds, image-shaped [B, ...] (METHOD.md, target 2)."""
-    return jump_and_derivative(net, x, t, s, labels, method=method, fd_step=fd_step)[1]
-
-
-def jump_and_derivative(net: nn.Module, x: Tensor, t: Tensor, s: Tensor,
-                        labels: Tensor | None = None, *, method: str = "jvp",
-                        fd_step: float = 1e-4) -> tuple[Tensor, Tensor]:
-    """(G(x, t, s), dG/ds), both [B, ...]. By "fd", G is the mean of the two differenced jumps
-    (off by O(fd_step^2)); the derivative stays differentiable in the weights either way."""
-    if method == "jvp":
-        # Forward mode, tangent 1 on s: one pass gives the jump and its per-sample derivative.
-        def along_s(s_: Tensor) -> Tensor:
-            return jump(net, x, t, s_, labels)
-
-        landing, derivative = torch.func.jvp(along_s, (s,), (torch.ones_like(s),))
-        return landing, derivative
-    if method == "fd":
-        # Two plain passes (2.6x cheaper than forward mode through a U-Net on a CPU); float32
-        # only: in bf16 or TF32 the difference of two jumps 2 * fd_step apart is rounding noise.
-        # One batched call at s + h and s - h; the difference is taken of G - x = (s - t) u, as
-        # x cancels exactly and would only add its rounding.
-        both_s = torch.cat([s + fd_step, s - fd_step])
-        moves = (per_sample(both_s - torch.cat([t, t]), x)
-                 * call_net(net, torch.cat([x, x]), torch.cat([t, t]), both_s, _repeat(labels)))
-        ahead, behind = moves.chunk(2)
-        return x + 0.5 * (ahead + behind), (ahead - behind) / (2 * fd_step)
-    raise ValueError(f"derivative must be 'jvp' or 'fd', got {method!r}")
-
-
-def sample_grid_indices(num_steps: int, batch: int, generator: torch.Generator
-                        ) -> tuple[Tensor, Tensor, Tensor]:
-    """CTM's draw, per sample: k in {1..N} with P(k) ~ k, i ~ U{0..N-k}, j ~ U{i+k..N}. [B] each."""
-    dev = generator.device
-    weights = torch.arange(1, num_steps + 1, dtype=torch.float32, device=dev)
-    k = torch.multinomial(weights, batch, replacement=True, generator=generator) + 1
-    i = (torch.rand(batch, generator=generator, device=dev) * (num_steps - k + 1)).long()
-    first_j = i + k
-    j = first_j + (torch.rand(batch, generator=generator, device=dev)
-                   * (num_steps - first_j + 1)).long()
-    return i, k, j
-
-
-@dataclass
-class TimeDraw:
-    """All the randomness of one loss call except the noise, so that it can be injected."""
-
-    i: Tensor      # [B] start index on the teacher grid: t = tau_i
-    k: Tensor      # [B] teacher steps for self-consistency: u = tau_(i+k)
-    j: Tensor      # [B] target index: s = tau_j
-    r: Tensor      # [B] chord time for L_vel
-    s_vel: Tensor  # [B] jump target for L_vel, r <= s_vel <= 1
-    t_fm: Tensor   # [B] time of the flow-matching anchor
-    vel: Tensor    # [B] bool: the rows that carry L_vel (every vel_every-th of the global batch)
-    # consistency_times="jittered": where in its grid cell each of tau_i, tau_(i+k), tau_j moves
-    # [3, B] in [0, 1) (0.5 is the grid point itself); None on the grid.
-    jitter: Tensor | None = None
-
-    def rows(self, index: slice | Tensor) -> TimeDraw:
-        """The draw for a subset of the batch (a rank's share under DDP)."""
-        return TimeDraw(**{name: None if getattr(self, name) is None else
-                           getattr(self, name)[..., index] if name == "jitter" else
-                           getattr(self, name)[index] for name in self.__dataclass_fields__})
-
-
-def draw_times(grid: Tensor, batch: int, generator: torch.Generator, *,
-               vel_every: int = 1, jittered: bool = False,
-               jitter_generator: torch.Generator | None = None) -> TimeDraw:
-    """Draw every time of a TraFlow loss for a batch from one generator, on the teacher's grid
-    [N + 1] (pass it on the host: its first time is read). Every time lies in [grid[0], 1].
-    Rows 0, vel_every, 2 vel_every, ... of the batch carry L_vel (the draw is the same).
-    `jittered` draws the consistency times' positions within their cells from
-    `jitter_generator` (default: `generator`, after everything else), so that the draw on the
-    grid, and what a caller draws next from `generator`, are the same with and without it."""
-    i, k, j = sample_grid_indices(len(grid) - 1, batch, generator)
-    dev = generator.device
-    t_min = float(grid[0])
-    r = torch.rand(batch, generator=generator, device=dev)
-    if t_min > 0:
-        r = t_min + (1 - t_min) * r
-    s_vel = r + (1 - r) * torch.rand(batch, generator=generator, device=dev)
-    t_fm = sample_train_times(batch, generator, dev, eps=max(TRAIN_EPS, t_min))
-    vel = torch.arange(batch, device=dev) % vel_every == 0
-    jitter = (torch.rand(3, batch, generator=jitter_generator or generator, device=dev)
-              if jittered else None)
-    return TimeDraw(i=i, k=k, j=j, r=r, s_vel=s_vel, t_fm=t_fm, vel=vel, jitter=jitter)
-
-
-def cell_time(grid: Tensor, index: Tensor, where: Tensor) -> Tensor:
-    """A time in grid point `index`'s cell [B]: from the midpoint with the point below to the
-    midpoint with the point above, at fraction `where` [B] in [0, 1). The end points stay put
-    (t = grid[0] is where sampling starts, 1 is the data end), and cells do not overlap, so
-    times drawn for increasing indices stay in order."""
-    last = len(grid) - 1
-    below = grid[(index - 1).clamp(min=0)]
-    above = grid[(index + 1).clamp(max=last)]
-    low, high = (below + grid[index]) / 2, (grid[index] + above) / 2
-    inner = (index > 0) & (index < last)
-    return torch.where(inner, low + where.to(grid.dtype) * (high - low), grid[index])
-
-
-def distance(a: Tensor, b: Tensor, kind: str = "l2", huber_c: float = 0.03) -> Tensor:
-    """Per-sample distance [B]: mean squared error, or pseudo-Huber sqrt(mse + c^2) - c."""
-    mse = ((a - b) ** 2).flatten(1).mean(1)
-    if kind == "l2":
-        return mse
-    if kind == "pseudo_huber":
-        return torch.sqrt(mse + huber_c**2) - huber_c
-    raise ValueError(f"distance must be 'l2' or 'pseudo_huber', got {kind!r}")
 
 
 def adaptive_lambda(consistency: Tensor, student_jump: Tensor, velocity_loss: Tensor,
@@ -264,20 +121,6 @@ class TeacherSolve:
     def cached(cls, trajectory: Tensor) -> TeacherSolve:
         """A solve read from a cache of trajectories that start at noise."""
         return cls(trajectory=trajectory, x_hat=trajectory[-1])
-
-
-def start_state(noise: Tensor, t_start: float | Tensor) -> Tensor:
-    """The path's state at t_start for this noise, ignoring the data term: (1 - t_start) * noise
-    (the noise itself at 0); where a teacher's ODE starts (grid[0]), without a host sync."""
-    return (1 - t_start) * noise
-
-
-@torch.no_grad()
-def trajectory_from_noise(teacher: Velocity, noise: Tensor, grid: Tensor, method: str) -> Tensor:
-    """The teacher's states on the whole grid [N + 1, B, ...] from noise [B, ...], starting at
-    grid[0] (a trajectory cache's rows, or a batch's data-free solve)."""
-    starts = torch.zeros(len(noise), dtype=torch.long, device=noise.device)
-    return trajectory_on_grid(teacher, start_state(noise, grid[0]), starts, grid, method=method)
 
 
 @torch.no_grad()
@@ -331,28 +174,6 @@ class Targets:
 
 
 @torch.no_grad()
-def step_off_grid(teacher: Velocity, states: Tensor, at: Tensor, to: Tensor, method: str,
-                  labels: Tensor | None = None) -> Tensor:
-    """Teacher states [B, ...] at times `at` [B] carried by one `method` step to times `to` [B]
-    (a state between grid points, reached from the nearest grid state). Rows already there are
-    kept as they are; without class labels only the rows that move are evaluated."""
-    moving = torch.nonzero(at != to).squeeze(1)
-    if len(moving) == 0:
-        return states
-    step = STEPPERS[method]
-    if labels is not None:  # the teacher's labels are bound to the whole batch
-        moved = step(teacher, states, at, to)
-        return torch.where(per_sample(at != to, states).bool(), moved, states)
-    moved = step(teacher, states[moving], at[moving], to[moving])
-    return states.index_copy(0, moving, moved.to(states.dtype))
-
-
-def nearest_grid_index(grid: Tensor, times: Tensor) -> Tensor:
-    """The index of the grid point nearest to each time [B] (times within [grid[0], 1])."""
-    return (grid[None, :] - times[:, None]).abs().argmin(dim=1)
-
-
-@torch.no_grad()
 def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid: Tensor,
                     times: TimeDraw, *, config: TraFlowConfig, data: Tensor | None = None,
                     labels: Tensor | None = None, teacher: Velocity | None = None,
@@ -362,21 +183,8 @@ def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid:
     `teacher` steps to times off the grid (consistency_times="jittered", vel_target="tangent");
     `online` is the student's network for sc_inner="online"."""
     cfg = config
-    i, k, j = times.i.to(noise.device), times.k.to(noise.device), times.j.to(noise.device)
-    t, u, s = grid[i], grid[i + k], grid[j]
-    traj = solve.trajectory
-    x_t, x_u, x_s = pick(traj, i), pick(traj, i + k), pick(traj, j)
-    if times.jitter is not None:
-        # Continuous times: each interior point moves within its cell; u and s share a cell
-        # (and so a time) where i + k = j. The teacher steps there from the grid state.
-        where = times.jitter.to(noise.device)
-        t_new, u_new = cell_time(grid, i, where[0]), cell_time(grid, i + k, where[1])
-        s_new = torch.where(i + k == j, u_new, cell_time(grid, j, where[2]))
-        step = cfg.teacher_solver
-        x_t = step_off_grid(teacher, x_t, t, t_new, step, labels)
-        x_u = step_off_grid(teacher, x_u, u, u_new, step, labels)
-        x_s = step_off_grid(teacher, x_s, s, s_new, step, labels)
-        t, u, s = t_new, u_new, s_new
+    x_t, t, x_u, u, x_s, s = consistency_states(solve.trajectory, grid, times, teacher=teacher,
+                                                method=cfg.teacher_solver, labels=labels)
     # G^-(x, a, a) = x: rows that jump nowhere (u = s, or s = 1 for the carry to the data end)
     # skip the network. Which rows is read on the host, once per step.
     i_h, k_h, j_h, vel_h = torch.stack([times.i, times.k, times.j, times.vel.long()]).cpu()
@@ -397,7 +205,7 @@ def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid:
         inner = online if cfg.sc_inner == "online" else target
         x_via_u = jump_rows(inner, x_u, u, s, labels, rows(via_u))
         both = jump_rows(target, torch.cat([x_s, x_via_u]), torch.cat([s, s]),
-                         torch.cat([ones, ones]), _repeat(labels),
+                         torch.cat([ones, ones]), repeat_labels(labels),
                          torch.cat([end_rows, rows(via_u & to_end) + len(x_t)]))
         out.end_out, end_sc = both.chunk(2)
         same = rows(~via_u & to_end)
@@ -416,12 +224,11 @@ def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid:
         out.r, out.s_vel = take(times.r.to(noise.device)), take(times.s_vel.to(noise.device))
         out.vel_labels = take(labels)
         if cfg.vel_target == "tangent":
-            # x_r on the teacher's trajectory: one step from the nearest grid state.
-            near = nearest_grid_index(grid, out.r)
-            columns = torch.arange(len(near), device=noise.device) if vel_rows is None else vel_rows
-            states = traj[near, columns]
-            out.x_r = step_off_grid(teacher, states, grid[near], out.r, cfg.teacher_solver,
-                                    out.vel_labels)
+            # x_r on the teacher's trajectory: one step from the nearest grid state. The spec
+            # keeps every row on L_vel here (vel_every = 1), so the trajectory's rows are these.
+            trajectory = solve.trajectory if vel_rows is None else solve.trajectory[:, vel_rows]
+            out.x_r = teacher_state_at(teacher, trajectory, grid, out.r, cfg.teacher_solver,
+                                       out.vel_labels)
         else:
             out.x_r = interpolate(noise_v, x_hat_v, out.r)
             out.chord_velocity = target_velocity(noise_v, x_hat_v)
@@ -515,5 +322,9 @@ def traflow_loss(student: nn.Module, target: nn.Module, teacher: Velocity, noise
                          grad_mean=grad_mean, teacher=teacher)
 
 
-def _repeat(labels: Tensor | None) -> Tensor | None:
-    return None if labels is None else torch.cat([labels, labels])
+def loss(batch: Batch, config: TraFlowConfig) -> ObjectiveLoss:
+    """TraFlow's loss on one step's batch (the engine's entry to every objective)."""
+    return traflow_loss(batch.student, batch.target, batch.teacher, batch.noise, config=config,
+                        grid=batch.grid, times=batch.times, data=batch.data, labels=batch.labels,
+                        last_layer=batch.last_layer, trajectory=batch.trajectory,
+                        grad_mean=batch.grad_mean, online=batch.online)

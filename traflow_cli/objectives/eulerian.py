@@ -1,0 +1,73 @@
+"""Eulerian flow-map distillation: MeanFlow's identity with the teacher's velocity (Geng et al.,
+2025; Boffi et al., 2025, "eulerian"; METHOD.md).
+
+    u(x_r, r, s) = sg[ v(x_r, r) + (s - r) (d/dr) u(x_r, r, s) ],
+    (d/dr) u = grad_x u . v(x_r, r) + du/dr     (the derivative along the teacher's flow)
+
+It follows from (s - r) u(x_r, r, s) = integral from r to s of v along the flow, differentiated
+in r. The total derivative is one forward-mode pass with tangent (v, 1, 0) in (x, r, s), or a
+central difference along it ("fd"). x_r is the teacher's state at r; r, s and the diagonal
+rows (s = r, where the target is v itself) are drawn as the Lagrangian objective's. MeanFlow's
+adaptive weight sg[1 / (||err||^2 + c)^p] on each row's sum of squares scales each row's loss
+to about 1 (p = 1; p = 0 is the plain squared error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from traflow_cli.flow import per_sample
+from traflow_cli.objectives.lagrangian import pair_times
+from traflow_cli.objectives.shared import (
+    Batch,
+    ObjectiveLoss,
+    call_net,
+    repeat_labels,
+    teacher_state_at,
+)
+
+
+@dataclass(frozen=True)
+class EulerianConfig:
+    """The Eulerian objective's choices; `distill.eulerian` holds the ones a user sets."""
+
+    diagonal: float = 0.75         # rows with s = r (read by the time draw); MeanFlow's 75%
+    adaptive_p: float = 1.0        # MeanFlow's adaptive loss weight's power
+    adaptive_c: float = 1e-3
+    teacher_solver: str = "heun"
+    derivative: str = "jvp"        # the total derivative by forward mode or "fd"
+    fd_step: float = 1e-4
+
+
+def velocity_and_total_derivative(batch: Batch, x: Tensor, r: Tensor, s: Tensor, v: Tensor,
+                                  config: EulerianConfig) -> tuple[Tensor, Tensor]:
+    """(u(x, r, s), its derivative along (v, 1, 0)); u keeps its gradient, the derivative's is
+    cut by the caller's stop-gradient."""
+    net, labels = batch.student, batch.labels
+    if config.derivative == "jvp":
+        return torch.func.jvp(lambda x_, r_: call_net(net, x_, r_, s, labels),
+                              (x, r), (v, torch.ones_like(r)))
+    h = config.fd_step
+    u = call_net(net, x, r, s, labels)
+    with torch.no_grad():
+        ahead, behind = call_net(net, torch.cat([x + h * v, x - h * v]), torch.cat([r + h, r - h]),
+                                 torch.cat([s, s]), repeat_labels(labels)).chunk(2)
+    return u, (ahead - behind) / (2 * h)
+
+
+def loss(batch: Batch, config: EulerianConfig) -> ObjectiveLoss:
+    """The adaptively weighted Eulerian loss on one step's batch."""
+    r, s = pair_times(batch)
+    x_r = teacher_state_at(batch.teacher, batch.teacher_trajectory(config.teacher_solver),
+                           batch.grid, r, config.teacher_solver, batch.labels)
+    with torch.no_grad():
+        v = batch.teacher(x_r, r)
+    u, du_dr = velocity_and_total_derivative(batch, x_r, r, s, v, config)
+    aim = (v + per_sample(s - r, v) * du_dr).detach()
+    squares = ((u - aim) ** 2).flatten(1)
+    weight = (squares.sum(1).detach() + config.adaptive_c) ** -config.adaptive_p
+    total = (weight * squares.sum(1)).mean()
+    return ObjectiveLoss(total=total, terms={"eul": squares.mean(1).mean().detach()})
