@@ -12,7 +12,11 @@ as `traflow sample` draws it), with FID against the study's reference images:
 Every stage is skipped when its output is there (re-run to continue). Writes probes.json.
 
 Usage: python benchmarks/cifar10_probes.py --teacher T --student S [--cache CACHE.safetensors]
-       [--data ZIP] [--study-dir DIR] [--samples 2000] [--reference 5000]
+       [--data ZIP] [--study-dir DIR] [--samples 2000] [--reference 5000] [--fid-samples N]
+  --fid-samples N: FID on the first N samples of each row (against --reference images); on one
+     CPU thread Inception takes ~0.3 s an image, so N = 1,000 and 1,000 reference images keep
+     five rows under half an hour. Small N biases FID upwards alike for every row: compare rows,
+     not against published numbers.
 """
 
 from __future__ import annotations
@@ -35,6 +39,16 @@ from traflow_cli import load_student, load_teacher  # noqa: E402
 from traflow_cli.flow import solve_on_grid  # noqa: E402
 from traflow_cli.grids import teacher_grid  # noqa: E402
 from traflow_cli.metrics.agreement import mse_psnr  # noqa: E402
+
+
+def first_images(folder: Path, out: Path, count: int) -> Path:
+    """out/images holding hard links to the first `count` PNGs of folder/images."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for path in sorted((folder / "images").glob("*.png"))[:count]:
+        link = out / "images" / path.name
+        if not link.exists():
+            link.hardlink_to(path)
+    return out
 
 
 def blur_to_psnr(source: Path, out: Path, target_db: float) -> dict:
@@ -97,6 +111,7 @@ def main() -> None:
     parser.add_argument("--study-dir", type=Path, default=Path("runs/cifar10-probes"))
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--reference", type=int, default=5000)
+    parser.add_argument("--fid-samples", type=int, default=None)
     args = parser.parse_args()
     study = Study(root=args.study_dir, data=resolve_data(args.data), samples=args.samples,
                   reference=args.reference, teacher=args.teacher.resolve())
@@ -122,11 +137,16 @@ def main() -> None:
     heun = study.sample("teacher-heun12", "teacher", "--solver", "heun", "--steps", 12)
     out["psnr_vs_rk45_db"]["teacher-heun12"] = round(psnr_folders(heun, rk45), 3)
     save()
-    reference = study.export_reference()
+    count = args.fid_samples or args.samples
+    scorer = Study(root=study.root / f"fid-{count}-ref{args.reference}", data=study.data,
+                   reference=args.reference, teacher=study.teacher)
+    reference = scorer.export_reference()
+    out["fid_protocol"] = {"samples": count, "reference_images": args.reference}
     for name, folder in [("teacher-rk45", rk45), ("student-nfe1", rows["student-nfe1"]),
                          ("teacher-rk45-blur", blur), ("teacher-heun12", heun),
                          ("student-nfe2", rows["student-nfe2"])]:
-        out.setdefault("fid", {})[name] = round(study.fid(name, folder, reference)["fid"], 3)
+        subset = first_images(folder, scorer.root / "samples" / name, count)
+        out.setdefault("fid", {})[name] = round(scorer.fid(name, subset, reference)["fid"], 3)
         save()
     print(json.dumps(out, indent=1))
 

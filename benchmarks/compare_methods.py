@@ -24,6 +24,7 @@ Run it on one thread (OMP_NUM_THREADS=1) on a quiet machine: the step costs set 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import subprocess
@@ -66,14 +67,15 @@ class Comparison:
             spec = traflow("distill", "--teacher", teacher, "--preset", self.args.preset,
                            *self.sets, "--set", f"distill.method={method}", "--out",
                            self.out / "dry", "--dry-run")
-            batch = spec["distill"]["batch_size"] if "distill" in spec else \
-                spec["spec"]["distill"]["batch_size"]
+            distill = spec["distill"]
+            batch, cached = distill["batch_size"], distill["trajectory_cache"] > 0
             bench = traflow("bench", "--teacher", teacher, "--preset", self.args.preset,
                             *self.sets, "--set", f"distill.method={method}", "--batch-size",
                             batch, "--set", "bench.rk45=false", "--set", "bench.student_nfe=[1]",
                             "--set", "bench.teacher_steps=[1]", "--json")
             rows = [r for r in bench["rows"] if r["task"] == "train" and r["model"] == "student"]
-            row = min(rows, key=lambda r: r["latency_ms"])  # the cached solve, where allowed
+            # The row the distillation will run: with the cache where the spec has one.
+            row = next(r for r in rows if (r["teacher_solve"] == "cached") == cached)
             self.results[key] = {"step_s": row["latency_ms"] / 1000, "batch": batch,
                                  "teacher_solve": row["teacher_solve"],
                                  "evaluations": row.get("evaluations")}
@@ -89,7 +91,8 @@ class Comparison:
         steps = max(1, math.floor(self.args.budget_s / cost["step_s"]))
         run = self.out / name
         began = time.perf_counter()
-        cache = self.out / f"trajectories-{teacher.name}.safetensors"
+        tag = hashlib.sha256(str(teacher.resolve()).encode()).hexdigest()[:12]
+        cache = self.out / f"trajectories-{teacher.name}-{tag}.safetensors"
         if not (run / "summary.json").is_file():
             traflow("distill", "--teacher", teacher, "--out", run, "--preset", self.args.preset,
                     *self.sets, "--set", f"distill.method={method}",

@@ -146,11 +146,11 @@ def test_bench_times_the_jobs_own_step_functions(monkeypatch: pytest.MonkeyPatch
     as the job does (so the learning-rate warm-up is the job's, not a fixed step 0)."""
     from traflow_cli.jobs import distill, teacher
 
-    real_loss, real_step = distill.traflow_loss, teacher.optimizer_step
+    (config_class, real_loss), real_step = distill.OBJECTIVES["traflow"], teacher.optimizer_step
     teacher_steps: list[int] = []
 
-    def loss_plus_seven(*args, **kwargs):
-        loss = real_loss(*args, **kwargs)
+    def loss_plus_seven(batch, config):
+        loss = real_loss(batch, config)
         loss.total = loss.total + 7.0
         return loss
 
@@ -158,7 +158,7 @@ def test_bench_times_the_jobs_own_step_functions(monkeypatch: pytest.MonkeyPatch
         teacher_steps.append(step)
         return real_step(optimizer, params, step, training)
 
-    monkeypatch.setattr(distill, "traflow_loss", loss_plus_seven)
+    monkeypatch.setitem(distill.OBJECTIVES, "traflow", (config_class, loss_plus_seven))
     monkeypatch.setattr(teacher, "optimizer_step", recording_step)
     report = run_bench("--preset", "toy2d", "--batch-size", "64", *SMALL,
                        "--set", "bench.rk45=false")

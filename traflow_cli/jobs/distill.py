@@ -58,7 +58,13 @@ from traflow_cli.objectives.shared import draw_times, start_state, trajectory_fr
 from traflow_cli.objectives.traflow import TraFlowConfig
 from traflow_cli.sampling import teacher_stepper, teacher_velocity
 from traflow_cli.seeding import derive_seed, generator_for
-from traflow_cli.specs import DistillSpec, RunSpec, SpecError, check_teacher_run
+from traflow_cli.specs import (
+    METHOD_SECTIONS,
+    DistillSpec,
+    RunSpec,
+    SpecError,
+    check_teacher_run,
+)
 
 log = logging.getLogger("traflow")
 
@@ -80,7 +86,7 @@ def objective_config(section: DistillSpec, *, teacher_solver: str, derivative: s
     if section.method == "traflow":
         fields = {name: getattr(section, name) for name in names}
     else:
-        own = getattr(section, section.method).model_dump()
+        own = (getattr(section, section.method) or METHOD_SECTIONS[section.method]()).model_dump()
         shared = {name: getattr(section, name) for name in ("distance", "huber_c", "fd_step")}
         fields = {name: value for name, value in {**shared, **own}.items() if name in names}
     engine = {"teacher_solver": teacher_solver, "derivative": derivative}
@@ -91,7 +97,7 @@ def reads_data(section: DistillSpec) -> bool:
     """Whether the chosen objective reads a data batch each step."""
     if section.method == "traflow":
         return section.start == "data" or section.w_fm > 0
-    return section.method == "ctm" and section.ctm is not None and section.ctm.w_dsm > 0
+    return section.method == "ctm" and (section.ctm is None or section.ctm.w_dsm > 0)
 
 
 def diagonal_fraction(section: DistillSpec) -> float:
@@ -218,18 +224,24 @@ def _read_cache(path: Path, key: dict[str, Any]) -> tuple[dict[str, Tensor] | No
     return arrays, ""
 
 
-def velocity_derivative(section: DistillSpec, runtime: Runtime) -> str:
+def velocity_derivative(section: DistillSpec, runtime: Runtime, dropout: float = 0.0) -> str:
     """"jvp" or "fd", the spec's choice for this runtime: a central difference needs full float32
-    (bf16 and TF32 round the difference of two jumps 2 x fd_step apart to noise)."""
+    (bf16 and TF32 round the difference of two jumps 2 x fd_step apart to noise) and a student
+    without dropout (each of its passes draws its own mask, and dividing by 2 x fd_step
+    magnifies the masks' difference some 5,000 times)."""
     rounds = runtime.amp_dtype is not None or runtime.tf32
     if section.derivative == "auto":
-        return "jvp" if rounds else "fd"
+        return "jvp" if rounds or dropout > 0 else "fd"
     differentiates = section.method in ("lagrangian", "eulerian") or (
         section.method == "traflow" and section.w_vel > 0)
     if section.derivative == "fd" and differentiates and rounds:
         raise SpecError("distill.derivative: 'fd' differences two jumps 2 x fd_step apart, which "
                         "bf16 and TF32 round to noise; set runtime.precision=fp32 and "
                         "runtime.tf32=false, or use distill.derivative=jvp (or auto)")
+    if section.derivative == "fd" and differentiates and dropout > 0:
+        raise SpecError(f"distill.derivative: 'fd' differences two passes of a student with "
+                        f"dropout {dropout:g}, whose masks differ; set net.dropout=0 or use "
+                        "distill.derivative=jvp (or auto)")
     return section.derivative
 
 
@@ -281,7 +293,7 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     sigma_range: SigmaRange = teacher_net.sigma_range  # an EDM teacher's; None for a rectified flow
     # Heun on an EDM teacher steps in EDM's coordinates (x / t against sigma), as its sampler.
     solver = teacher_stepper(cfg.teacher_solver, sigma_range)
-    derivative = velocity_derivative(cfg, runtime)
+    derivative = velocity_derivative(cfg, runtime, float(spec.net_config().get("dropout", 0.0)))
     objective, diagonal = OBJECTIVES[cfg.method][1], diagonal_fraction(cfg)
     method_config = objective_config(cfg, teacher_solver=solver, derivative=derivative)
     config = spec.net_config()

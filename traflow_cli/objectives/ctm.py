@@ -46,7 +46,8 @@ def loss(batch: Batch, config: CTMConfig) -> ObjectiveLoss:
                                               teacher=batch.teacher,
                                               method=config.teacher_solver, labels=batch.labels)
     ones, device, labels = torch.ones_like(t), batch.noise.device, batch.labels
-    # G(., a, a) is the identity: rows with u = s or s = 1 skip the network (read on the host).
+    # G(., a, a) is the identity: rows with u = s or s = 1 skip the network (which rows is read
+    # on the host: one sync per step).
     i, k, j = (v.cpu() for v in (batch.times.i, batch.times.k, batch.times.j))
     via_u, to_end = row_index(i + k < j, device), row_index(j < len(batch.grid) - 1, device)
     with torch.no_grad():

@@ -50,12 +50,16 @@ def velocity_and_total_derivative(batch: Batch, x: Tensor, r: Tensor, s: Tensor,
     if config.derivative == "jvp":
         return torch.func.jvp(lambda x_, r_: call_net(net, x_, r_, s, labels),
                               (x, r), (v, torch.ones_like(r)))
-    h = config.fd_step
+    # r +- h rounds in the times' dtype: x moves by the steps r really took, and the difference
+    # is divided by their sum, so the direction stays (v, 1, 0).
+    ahead_r, behind_r = r + config.fd_step, r - config.fd_step
+    ahead_h, behind_h = per_sample(ahead_r - r, x), per_sample(r - behind_r, x)
     u = call_net(net, x, r, s, labels)
     with torch.no_grad():
-        ahead, behind = call_net(net, torch.cat([x + h * v, x - h * v]), torch.cat([r + h, r - h]),
-                                 torch.cat([s, s]), repeat_labels(labels)).chunk(2)
-    return u, (ahead - behind) / (2 * h)
+        ahead, behind = call_net(net, torch.cat([x + ahead_h * v, x - behind_h * v]),
+                                 torch.cat([ahead_r, behind_r]), torch.cat([s, s]),
+                                 repeat_labels(labels)).chunk(2)
+    return u, (ahead - behind) / (ahead_h + behind_h)
 
 
 def loss(batch: Batch, config: EulerianConfig) -> ObjectiveLoss:
