@@ -166,6 +166,15 @@ def test_distill_receives_the_teachers_network_and_the_flags(toy_teacher: Path,
     assert recorded_spec(run) == asked
 
 
+def test_distill_method_flag_chooses_the_objective_and_its_section(toy_teacher: Path) -> None:
+    plain = spec_of("distill", "--teacher", toy_teacher)
+    asked = spec_of("distill", "--teacher", toy_teacher, "--method", "eulerian")
+    assert changed(plain, asked) == {"distill.method": ("traflow", "eulerian"),
+                                     "distill.eulerian": (None, {"diagonal": 0.75,
+                                                                 "adaptive_p": 1.0,
+                                                                 "adaptive_c": 1e-3})}
+
+
 def one_error_line(result) -> str:
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()

@@ -26,11 +26,17 @@ def distill_command(
     steps: Annotated[int | None, typer.Option(
         "--steps", help="Distillation steps. (default: the spec's distill.duration_steps)",
         show_default=False)] = None,
+    method: Annotated[str | None, typer.Option(
+        "--method", help="The objective: traflow, ctm, lagrangian or eulerian "
+        "(docs/METHOD.md). (default: the spec's distill.method, traflow)",
+        show_default=False)] = None,
     as_json: o.Json = False,
     dry: o.DryRun = False,
 ) -> None:
-    """Distill a teacher into a 1-4 step student with TraFlow (resumes an existing --out)."""
-    values = {"distill.teacher": str(teacher) if teacher else None, "distill.duration_steps": steps}
+    """Distill a teacher into a 1-4 step student, by TraFlow or another objective (resumes an
+    existing --out)."""
+    values = {"distill.teacher": str(teacher) if teacher else None, "distill.duration_steps": steps,
+              "distill.method": method}
     if teacher is None:  # the teacher may come from the preset or --set distill.teacher=...
         named = o.resolve(preset, sets, device=device, seed=seed, values=values).distill.teacher
         teacher = Path(named) if named else None
