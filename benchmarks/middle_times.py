@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from traflow_cli import load_student, load_teacher  # noqa: E402
 from traflow_cli.flow import solve_rk45_per_sample  # noqa: E402
+from traflow_cli.grids import student_times  # noqa: E402
 from traflow_cli.jobs.common import sample_shape  # noqa: E402
 from traflow_cli.metrics.agreement import mse_psnr  # noqa: E402
 from traflow_cli.sampling import noise_for_indices, teacher_row_velocity  # noqa: E402
@@ -95,8 +96,8 @@ def main() -> None:
                               for c in x.split(args.batch)])
 
     one = jumps(noise, 0.0, 1.0)
-    four = noise
-    for t, s in zip((0.0, 0.25, 0.5, 0.75), (0.25, 0.5, 0.75, 1.0), strict=True):
+    four, quarters = noise, student_times(4).tolist()
+    for t, s in zip(quarters[:-1], quarters[1:], strict=True):
         four = jumps(four, t, s)
     result = {"student": str(args.student), "n": args.num_samples,
               "nfe1_psnr": round(mse_psnr(one, reference)[1], 3),

@@ -78,32 +78,37 @@ def traflow_config(section: DistillSpec) -> TraFlowConfig:
                             for f in dataclasses.fields(TraFlowConfig)})
 
 
+def method_section(section: DistillSpec) -> Any:
+    """The chosen method's own section (its defaults where a spec copy skipped validation);
+    None for traflow, whose fields are distill's own."""
+    if section.method == "traflow":
+        return None
+    return getattr(section, section.method) or METHOD_SECTIONS[section.method]()
+
+
 def objective_config(section: DistillSpec, *, teacher_solver: str, derivative: str) -> Any:
     """The chosen method's config (objectives/): its section's fields, with the engine's teacher
     stepper and the runtime's derivative wherever the method has such a field."""
+    engine = {"teacher_solver": teacher_solver, "derivative": derivative}
+    if section.method == "traflow":
+        return dataclasses.replace(traflow_config(section), **engine)
     config_class = OBJECTIVES[section.method][0]
     names = {f.name for f in dataclasses.fields(config_class)}
-    if section.method == "traflow":
-        fields = {name: getattr(section, name) for name in names}
-    else:
-        own = (getattr(section, section.method) or METHOD_SECTIONS[section.method]()).model_dump()
-        shared = {name: getattr(section, name) for name in ("distance", "huber_c", "fd_step")}
-        fields = {name: value for name, value in {**shared, **own}.items() if name in names}
-    engine = {"teacher_solver": teacher_solver, "derivative": derivative}
-    return config_class(**{**fields, **{k: v for k, v in engine.items() if k in names}})
+    shared = {name: getattr(section, name) for name in ("distance", "huber_c", "fd_step")}
+    fields = {**shared, **method_section(section).model_dump(), **engine}
+    return config_class(**{name: value for name, value in fields.items() if name in names})
 
 
 def reads_data(section: DistillSpec) -> bool:
     """Whether the chosen objective reads a data batch each step."""
     if section.method == "traflow":
         return section.start == "data" or section.w_fm > 0
-    return section.method == "ctm" and (section.ctm is None or section.ctm.w_dsm > 0)
+    return section.method == "ctm" and method_section(section).w_dsm > 0
 
 
 def diagonal_fraction(section: DistillSpec) -> float:
     """The fraction of rows the time draw puts on the diagonal s = r (two-time methods)."""
-    own = getattr(section, section.method, None) if section.method != "traflow" else None
-    return float(getattr(own, "diagonal", 0.0))
+    return float(getattr(method_section(section), "diagonal", 0.0))
 
 
 def distill_grid(section: DistillSpec, native_grid: str, sigma_range: SigmaRange,
@@ -293,10 +298,10 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
     sigma_range: SigmaRange = teacher_net.sigma_range  # an EDM teacher's; None for a rectified flow
     # Heun on an EDM teacher steps in EDM's coordinates (x / t against sigma), as its sampler.
     solver = teacher_stepper(cfg.teacher_solver, sigma_range)
-    derivative = velocity_derivative(cfg, runtime, float(spec.net_config().get("dropout", 0.0)))
+    config = spec.net_config()
+    derivative = velocity_derivative(cfg, runtime, float(config.get("dropout", 0.0)))
     objective, diagonal = OBJECTIVES[cfg.method][1], diagonal_fraction(cfg)
     method_config = objective_config(cfg, teacher_solver=solver, derivative=derivative)
-    config = spec.net_config()
     torch.manual_seed(derive_seed(spec.seed, 5))  # the s branch's initial weights
     student = runtime.place(student_from_teacher(teacher_net, config))
     target = make_ema(student)   # G^-: the target EMA (mu = target_ema)

@@ -48,7 +48,7 @@ def loss(batch: Batch, config: CTMConfig) -> ObjectiveLoss:
     ones, device, labels = torch.ones_like(t), batch.noise.device, batch.labels
     # G(., a, a) is the identity: rows with u = s or s = 1 skip the network (which rows is read
     # on the host: one sync per step).
-    i, k, j = (v.cpu() for v in (batch.times.i, batch.times.k, batch.times.j))
+    i, k, j = torch.stack([batch.times.i, batch.times.k, batch.times.j]).cpu()
     via_u, to_end = row_index(i + k < j, device), row_index(j < len(batch.grid) - 1, device)
     with torch.no_grad():
         inner = jump_rows(batch.online, x_u, u, s, labels, via_u)

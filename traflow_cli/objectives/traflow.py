@@ -32,6 +32,7 @@ from traflow_cli.objectives.shared import (
     jump_and_derivative,
     jump_rows,
     repeat_labels,
+    row_index,
     start_state,
     teacher_state_at,
     trajectory_from_noise,
@@ -191,7 +192,7 @@ def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid:
     via_u, to_end = i_h + k_h < j_h, j_h < len(grid) - 1  # [B] u < s, s < 1
 
     def rows(mask: Tensor) -> Tensor:
-        return torch.nonzero(mask).squeeze(1).to(noise.device)
+        return row_index(mask, noise.device)
 
     end_rows = rows(to_end)
     out = Targets(x_t=x_t, t=t, s=s, labels=labels, end_rows=end_rows)
@@ -214,8 +215,7 @@ def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid:
         # Chord x_r = r x_hat + (1 - r) noise, r <= s: a straight teacher jumps at speed x_hat - noise.
         if solve.x_hat is None and cfg.vel_target == "chord":
             raise ValueError("w_vel > 0 needs the teacher's output x_hat")
-        vel_rows = (None if bool(vel_h.all()) else
-                    torch.nonzero(vel_h).squeeze(1).to(noise.device))
+        vel_rows = None if bool(vel_h.all()) else rows(vel_h.bool())
 
         def take(x: Tensor | None) -> Tensor | None:
             return x if x is None or vel_rows is None else x[vel_rows]
