@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from traflow_cli.grids import time_grid
 from traflow_cli.objectives import OBJECTIVES, Batch
-from traflow_cli.objectives.shared import draw_times
+from traflow_cli.objectives.lagrangian import pair_times
+from traflow_cli.objectives.shared import call_net, draw_times, mean_square, teacher_state_at
 from traflow_cli.presets import resolve_spec
 from traflow_cli.specs import SpecError
 
@@ -220,6 +221,30 @@ def test_the_eulerian_target_is_the_teachers_velocity_on_the_diagonal() -> None:
     assert float(mixed.terms["eul"]) > 1e-3
 
 
+def test_the_eulerian_tangent_warmup_starts_from_flow_matching_and_ends_at_the_identity() -> None:
+    """tangent_warmup ramps the d/dr u term in: at step 0 every row's target is the teacher's
+    velocity v(x_r, r), half-way it is half the term, and from the last warm-up step on the loss
+    is the identity's own."""
+    teacher_map = GaussianMap(SIGMA).requires_grad_(False)
+    student = GaussianMap(1.0)
+    config = _config("eulerian", adaptive_p=0.0)
+    warm = _config("eulerian", adaptive_p=0.0, tangent_warmup=10)
+
+    def loss_at(step: int, cfg) -> float:
+        batch = _batch(student, teacher_map.velocity, NOISE, diagonal=0.25)
+        batch.step = step
+        return float(OBJECTIVES["eulerian"][1](batch, cfg).terms["eul"])
+
+    batch = _batch(student, teacher_map.velocity, NOISE, diagonal=0.25)
+    r, s = pair_times(batch)
+    x_r = teacher_state_at(teacher_map.velocity, batch.teacher_trajectory("heun"), batch.grid, r,
+                           "heun", None)
+    flow_matching = mean_square(call_net(student, x_r, r, s), teacher_map.velocity(x_r, r)).detach()
+    assert loss_at(0, warm) == pytest.approx(float(flow_matching), rel=1e-12)
+    assert loss_at(10, warm) == loss_at(10, config) == loss_at(0, config)
+    assert loss_at(5, warm) not in (pytest.approx(loss_at(0, warm)), pytest.approx(loss_at(0, config)))
+
+
 def test_the_diagonal_draw_has_its_own_stream_and_its_fraction() -> None:
     """The diagonal rows come from their own generator: TraFlow's draws are unchanged by them."""
     grid = time_grid(12)
@@ -270,8 +295,11 @@ ARGS = ["--device", "cpu", "--set", "distill.batch_size=64", "--set",
 def test_each_method_distills_and_resumes_bit_identically(method: str, toy_teacher: Path,
                                                           tmp_path: Path) -> None:
     def distill(out: Path, steps: int) -> None:
+        # Eulerian with its tangent warm-up crossing the resume point (the ramp reads the step).
+        extra = ["--set", "distill.eulerian.tangent_warmup=4"] if method == "eulerian" else []
         result = invoke("distill", "--teacher", toy_teacher, "--out", out, *ARGS, "--set",
-                        f"distill.method={method}", "--set", f"distill.duration_steps={steps}")
+                        f"distill.method={method}", "--set", f"distill.duration_steps={steps}",
+                        *extra)
         assert result.exit_code == 0, result.output
 
     distill(tmp_path / "whole", 6)
@@ -333,6 +361,19 @@ def test_runs_of_one_teacher_share_a_trajectory_cache_file(toy_teacher: Path,
     a, own = (load_file(tmp_path / name / "checkpoints" / "step-000000003.safetensors")
               for name in ("a", "own"))
     assert all(torch.equal(a[key], own[key]) for key in own)
+    # A shared file damaged between runs (bytes flipped inside its tensors) is never trusted:
+    # the next run warns, solves it again in place, and trains the same student.
+    data = bytearray(shared.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    shared.write_bytes(bytes(data))
+    result = invoke("distill", "--teacher", toy_teacher, "--out", tmp_path / "c", *ARGS,
+                    "--set", "distill.duration_steps=3",
+                    "--set", f"distill.trajectory_cache_file={shared}")
+    assert result.exit_code == 0, result.output
+    assert "solving the teacher's trajectories again" in result.stderr, result.stderr
+    c = load_file(tmp_path / "c" / "checkpoints" / "step-000000003.safetensors")
+    assert all(torch.equal(c[key], own[key]) for key in own)
 
 
 def test_a_central_difference_is_refused_for_a_student_with_dropout() -> None:

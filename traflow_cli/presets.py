@@ -93,7 +93,9 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     parts = key.strip().split(".")
     node = raw
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:  # absent, or an optional section left out (e.g. distill.ctm)
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise SpecError(f"--set {assignment!r}: {part!r} is a value, not a section")
         node = child

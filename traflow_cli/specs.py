@@ -260,6 +260,8 @@ class EulerianSpec(Section):
     diagonal: Unit = 0.75  # MeanFlow's best: 25% of rows with s != r
     adaptive_p: Annotated[float, Field(strict=True, ge=0.0, le=2.0)] = 1.0
     adaptive_c: PositiveFloat = 1e-3
+    # Steps over which the target's d/dr u term ramps in from 0 (objectives/eulerian.py).
+    tangent_warmup: NonNegativeInt = 0
 
 
 # Each method's own section in `distill`; TraFlow's fields are distill's own (the default).

@@ -17,20 +17,27 @@ from traflow_cli.errors import write_fully, writing
 from traflow_cli.version import __version__
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write under a temporary name, fsync, then rename: readers see the old or the new file.
+def atomic_write_bytes(path: Path, payload: bytes, *, durable: bool = True,
+                       tmp_suffix: str | None = None, make_folder: bool = True) -> None:
+    """Write under a temporary name, then rename: readers see the old or the new file.
 
     A full disk or a read-only folder is a one-line WriteError naming `path`; the old file (a
     previous checkpoint, spec.json) stays as it was and no temporary is left behind.
+    `durable`: fsync the file and the folder (a checkpoint, a record); without it a crash can
+    lose the write but never leave a cut file under its name (the many files of a sample folder,
+    which a resume checks instead). `tmp_suffix` names the temporary (default `.tmp-PID`);
+    `make_folder=False` reports a folder deleted under a running job instead of re-making it.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{tmp_suffix or f'.tmp-{os.getpid()}'}")
     with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if make_folder:
+            path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 write_fully(fd, payload)
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -38,7 +45,8 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             raise
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:

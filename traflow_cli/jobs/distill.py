@@ -381,7 +381,8 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
             loss = objective(Batch(student=model, online=student, target=target,
                                    teacher=teacher_velocity(teacher, labels), noise=noise,
                                    grid=grid, times=times, trajectory=trajectory, data=data,
-                                   labels=labels, last_layer=last_layer, grad_mean=all_mean),
+                                   labels=labels, last_layer=last_layer, grad_mean=all_mean,
+                                   step=step),
                              method_config)
         loss.backward()
         grad_norm = optimizer_step(optimizer, params, step, cfg)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from traflow_cli.data.images.header import PNG_SIGNATURE
 from traflow_cli.engine.records import atomic_write_bytes, fsync_dir
-from traflow_cli.errors import write_fully, writing
+from traflow_cli.errors import writing
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -50,20 +50,9 @@ def write_png(path: Path, pixels: np.ndarray, compress_level: int = 1) -> None:
     file). Not fsynced one by one (~3 ms each: 50k samples would wait minutes); a resumed run
     checks what it finds instead (`incomplete_pngs`), so a crash never leaves a cut file trusted.
     """
-    payload = encode_png(pixels, compress_level)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path):
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                write_fully(fd, payload)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise
+    # ".NAME.tmp": the name remove_partial sweeps when a crash leaves one behind.
+    atomic_write_bytes(path, encode_png(pixels, compress_level), durable=False, tmp_suffix=".tmp",
+                       make_folder=False)
 
 
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every whole PNG ends with
@@ -194,20 +183,28 @@ def png_rows(folder: Path, count: int, chunk: int = 256) -> Iterator[np.ndarray]
         yield np.stack([read_png(folder, i) for i in range(start, min(count, start + chunk))])
 
 
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Write an uncompressed .npz under a temporary name, fsync, then rename (no second copy
-    of the arrays in memory, unlike saving to bytes first)."""
+@contextlib.contextmanager
+def _durable_file(path: Path) -> Iterator[io.BufferedWriter]:
+    """A handle on a temporary beside `path`; on a clean exit it is fsynced and renamed to
+    `path` (readers see the old file or the whole new one), on any error it is removed."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with writing(path):
         try:
             with open(tmp, "wb") as handle:
-                np.savez(handle, **arrays)
+                yield handle
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         fsync_dir(path.parent)
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write an uncompressed .npz durably (`_durable_file`), with no second copy of the arrays
+    in memory, unlike saving to bytes first."""
+    with _durable_file(path) as handle:
+        np.savez(handle, **arrays)
 
 
 def save_npz_rows(path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype,
@@ -215,33 +212,23 @@ def save_npz_rows(path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype
     """Write an uncompressed .npz whose array `name` [shape] is filled from `rows` (chunks along
     axis 0, in order) as they come: memory holds one chunk, never the whole array, however many
     samples. np.load reads it as it reads np.savez's files; `small` arrays are stored whole.
-    Written under a temporary name, fsynced, then renamed, as save_npz."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    Written durably, as save_npz."""
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
               "shape": tuple(shape)}
-    with writing(path):
-        try:
-            with open(tmp, "wb") as handle:
-                with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                    with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
-                        np.lib.format.write_array_header_1_0(member, header)
-                        filled = 0
-                        for chunk in rows:
-                            chunk = np.ascontiguousarray(chunk, dtype=dtype)
-                            member.write(chunk.tobytes())
-                            filled += len(chunk)
-                        if filled != shape[0]:
-                            raise ValueError(f"{path}: {filled} rows given for {shape[0]}")
-                    for key, array in small.items():
-                        with zf.open(f"{key}.npy", "w", force_zip64=True) as member:
-                            np.lib.format.write_array(member, np.asanyarray(array),
-                                                      allow_pickle=False)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_dir(path.parent)
+    with _durable_file(path) as handle:
+        with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, header)
+                filled = 0
+                for chunk in rows:
+                    chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                    member.write(chunk.tobytes())
+                    filled += len(chunk)
+                if filled != shape[0]:
+                    raise ValueError(f"{path}: {filled} rows given for {shape[0]}")
+            for key, array in small.items():
+                with zf.open(f"{key}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 def image_grid(pixels: np.ndarray, columns: int = 8) -> Image.Image:

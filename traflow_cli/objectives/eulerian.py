@@ -10,6 +10,11 @@ central difference along it ("fd"). x_r is the teacher's state at r; r, s and th
 rows (s = r, where the target is v itself) are drawn as the Lagrangian objective's. MeanFlow's
 adaptive weight sg[1 / (||err||^2 + c)^p] on each row's sum of squares scales each row's loss
 to about 1 (p = 1; p = 0 is the plain squared error).
+
+Tangent warm-up (sCM, Lu & Song 2025; Align Your Flow, Sabour et al. 2025): the target's
+second term is scaled by w = min(1, step / tangent_warmup), so training starts as flow matching
+on the teacher (target v) and the self-referential d/dr u, noisy while u is far from a flow map,
+enters gradually.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class EulerianConfig:
     diagonal: float = 0.75         # rows with s = r (read by the time draw); MeanFlow's 75%
     adaptive_p: float = 1.0        # MeanFlow's adaptive loss weight's power
     adaptive_c: float = 1e-3
+    tangent_warmup: int = 0        # steps over which the d/dr u term ramps in (0: from the start)
     teacher_solver: str = "heun"
     derivative: str = "jvp"        # the total derivative by forward mode or "fd"
     fd_step: float = 1e-4
@@ -70,7 +76,8 @@ def loss(batch: Batch, config: EulerianConfig) -> ObjectiveLoss:
     with torch.no_grad():
         v = batch.teacher(x_r, r)
     u, du_dr = velocity_and_total_derivative(batch, x_r, r, s, v, config)
-    aim = (v + per_sample(s - r, v) * du_dr).detach()
+    ramp = min(1.0, batch.step / config.tangent_warmup) if config.tangent_warmup > 0 else 1.0
+    aim = (v + ramp * per_sample(s - r, v) * du_dr).detach()
     squares = ((u - aim) ** 2).flatten(1)
     weight = (squares.sum(1).detach() + config.adaptive_c) ** -config.adaptive_p
     total = (weight * squares.sum(1)).mean()

@@ -279,6 +279,7 @@ class Batch:
     labels: Tensor | None = None
     last_layer: Tensor | None = None  # the weight an adaptive weighting reads
     grad_mean: Callable[[Tensor], Tensor] | None = None  # the mean over data-parallel processes
+    step: int = 0                  # the optimizer step this batch trains (for schedules)
 
     def teacher_trajectory(self, method: str) -> Tensor:
         """The cached trajectory, or the teacher solved on the grid from this noise now."""
