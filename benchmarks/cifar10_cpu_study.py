@@ -40,7 +40,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "cifar10-cpu"
-ABLATIONS = {"student-wvel0": "distill.w_vel=0", "student-wsc0": "distill.w_sc=0"}
+ABLATIONS = {"student-wvel0": "distill.traflow.w_vel=0", "student-wsc0": "distill.traflow.w_sc=0"}
 
 
 @dataclass

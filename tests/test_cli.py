@@ -169,10 +169,15 @@ def test_distill_receives_the_teachers_network_and_the_flags(toy_teacher: Path,
 def test_distill_method_flag_chooses_the_objective_and_its_section(toy_teacher: Path) -> None:
     plain = spec_of("distill", "--teacher", toy_teacher)
     asked = spec_of("distill", "--teacher", toy_teacher, "--method", "eulerian")
+    traflow = plain["distill"]["traflow"]
+    assert traflow["w_vel"] == 1.0 and traflow["lambda_vel"] == "adaptive"
+    # TraFlow's section (the default method's) gives way to the chosen method's own.
     assert changed(plain, asked) == {"distill.method": ("traflow", "eulerian"),
+                                     "distill.traflow": (traflow, None),
                                      "distill.eulerian": (None, {"diagonal": 0.75,
                                                                  "adaptive_p": 1.0,
-                                                                 "adaptive_c": 1e-3})}
+                                                                 "adaptive_c": 1e-3,
+                                                                 "tangent_warmup": 0})}
 
 
 def one_error_line(result) -> str:

@@ -19,7 +19,7 @@ from traflow_cli.objectives import OBJECTIVES, Batch
 from traflow_cli.objectives.lagrangian import pair_times
 from traflow_cli.objectives.shared import call_net, draw_times, mean_square, teacher_state_at
 from traflow_cli.presets import resolve_spec
-from traflow_cli.specs import SpecError
+from traflow_cli.specs import SpecError, TraFlowSpec
 
 MU, SIGMA = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.5
 
@@ -273,6 +273,39 @@ def test_a_method_reads_only_its_own_section_and_an_unknown_one_names_the_choice
                                "distill.trajectory_cache=0"])
     with pytest.raises(SpecError, match="diagonal"):
         resolve_spec("toy2d", ["distill.method=lagrangian", "distill.lagrangian.diagonal=1.5"])
+
+
+def test_traflows_settings_are_its_own_section_and_older_flat_names_still_work() -> None:
+    """The preset's [distill.traflow] is the default method's: choosing another method leaves
+    it out, a TraFlow setting the command itself makes under another method is refused, and the
+    older flat names (distill.w_vel, in --set and in run folders' spec.json) reach the section."""
+    spec = resolve_spec("toy2d", ["distill.w_vel=0.5"])
+    assert spec.distill.traflow is not None and spec.distill.traflow.w_vel == 0.5
+    assert resolve_spec("toy2d", ["distill.method=ctm"]).distill.traflow is None
+    with pytest.raises(SpecError, match=r"distill\.traflow is set but distill\.method is 'ctm'"):
+        resolve_spec("toy2d", ["distill.method=ctm", "distill.traflow.w_vel=0"])
+    with pytest.raises(SpecError, match="every loss weight is 0"):
+        resolve_spec("toy2d", ["distill.traflow.w_out=0", "distill.w_vel=0",
+                               "distill.traflow.w_sc=0"])
+
+
+def test_a_run_recorded_before_the_method_sections_resumes_with_the_same_settings() -> None:
+    """Older spec.json files have TraFlow's fields flat in distill and no eulerian.tangent_warmup:
+    both read as today's defaults, so resuming such a run is not refused; a real change is."""
+    from traflow_cli.specs import resume_conflicts
+
+    for method in ("traflow", "eulerian"):
+        current = resolve_spec("toy2d", [f"distill.method={method}"]).model_dump(mode="json")
+        old = json.loads(json.dumps(current))
+        old["distill"].update(TraFlowSpec().model_dump(mode="json"))
+        old["distill"].pop("traflow")
+        if method == "eulerian":
+            old["distill"]["eulerian"].pop("tangent_warmup")
+        assert resume_conflicts(old, current, ("distill",)) == [], method
+        old["distill"]["w_sc" if method == "traflow" else "eulerian"] = (
+            0.5 if method == "traflow" else {"diagonal": 0.5})
+        want = "distill.traflow.w_sc" if method == "traflow" else "distill.eulerian.diagonal"
+        assert resume_conflicts(old, current, ("distill",)) == [want], method
 
 
 def test_the_cli_refuses_an_unknown_method_in_one_line(toy_teacher: Path, tmp_path: Path) -> None:

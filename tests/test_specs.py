@@ -29,8 +29,11 @@ def test_overrides_parse_toml_values_and_fall_back_to_strings() -> None:
     assert parse_value("[1, 2]") == [1, 2] and parse_value("true") is True
     assert parse_value("runs/teacher") == "runs/teacher"
     raw: dict = {}
+    apply_override(raw, "distill.lr=0.5")
+    assert raw == {"distill": {"lr": 0.5}}
+    # TraFlow's fields by their older, flat names land in TraFlow's own section.
     apply_override(raw, "distill.w_vel=0")
-    assert raw == {"distill": {"w_vel": 0}}
+    assert raw == {"distill": {"lr": 0.5, "traflow": {"w_vel": 0}}}
 
 
 BAD_INPUTS = [

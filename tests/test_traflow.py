@@ -301,18 +301,25 @@ def test_data_start_and_a_fixed_lambda_weigh_the_terms_as_given() -> None:
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
 
 
-def test_every_traflow_config_field_is_a_distill_spec_field_with_the_same_default() -> None:
+def test_every_traflow_config_field_is_a_spec_field_with_the_same_default() -> None:
+    """Each TraFlowConfig field is distill.traflow's (TraFlow's own) or distill's (the engine's),
+    never both, with the same default; older flat names still reach TraFlow's section."""
     from traflow_cli.jobs.distill import traflow_config
-    from traflow_cli.specs import DistillSpec
+    from traflow_cli.specs import DistillSpec, TraFlowSpec
 
-    spec_fields = DistillSpec.model_fields
+    engine, own = DistillSpec.model_fields, TraFlowSpec.model_fields
+    assert not set(engine) & set(own)
     for f in dataclasses.fields(TraFlowConfig):
-        assert f.name in spec_fields, f"TraFlowConfig.{f.name} has no distill.{f.name}"
-        assert spec_fields[f.name].default == f.default, f.name
+        fields = own if f.name in own else engine
+        assert f.name in fields, f"TraFlowConfig.{f.name} is neither distill.traflow's nor distill's"
+        assert fields[f.name].default == f.default, f.name
     assert traflow_config(DistillSpec()) == TraFlowConfig()
-    changed = DistillSpec(w_vel=0.5, lambda_vel=2.0, teacher_solver="euler", lambda_clip=(0.1, 3))
-    assert traflow_config(changed) == TraFlowConfig(w_vel=0.5, lambda_vel=2.0,
-                                                    teacher_solver="euler", lambda_clip=(0.1, 3))
+    want = TraFlowConfig(w_vel=0.5, lambda_vel=2.0, teacher_solver="euler", lambda_clip=(0.1, 3))
+    changed = DistillSpec(traflow={"w_vel": 0.5, "lambda_vel": 2.0, "lambda_clip": (0.1, 3)},
+                          teacher_solver="euler")
+    flat = DistillSpec(w_vel=0.5, lambda_vel=2.0, teacher_solver="euler", lambda_clip=(0.1, 3))
+    assert traflow_config(changed) == traflow_config(flat) == want
+    assert flat == changed
 
 
 def test_the_teacher_side_needs_no_gradient_and_the_student_side_makes_the_loss() -> None:

@@ -14,11 +14,13 @@ import tomllib
 from traflow_cli.errors import one_line
 from traflow_cli.runfolder import require_run
 from traflow_cli.specs import (
+    TRAFLOW_FIELDS,
     RunSpec,
     SpecError,
     build_spec,
     check_teacher_run,
     is_toy_data,
+    move_traflow_fields,
 )
 
 DEFAULT_PRESET = "toy2d"
@@ -90,7 +92,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     key, sep, value = assignment.partition("=")
     if not sep or not key.strip():
         raise SpecError(f"--set {assignment!r}: expected section.key=value, e.g. sample.nfe=2")
-    parts = key.strip().split(".")
+    parts = section_path(key.strip().split("."))
     node = raw
     for part in parts[:-1]:
         child = node.get(part)
@@ -104,21 +106,46 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 
 def assign(raw: dict[str, Any], dotted: str, value: Any) -> None:
     """Set one field to an exact value (from a typed command-line flag: no parsing)."""
-    *sections, key = dotted.split(".")
+    *sections, key = section_path(dotted.split("."))
     node = raw
     for part in sections:
         node = node.setdefault(part, {})
     node[key] = value
 
 
+def section_path(parts: list[str]) -> list[str]:
+    """TraFlow's fields by their older names (distill.w_vel) go to distill.traflow."""
+    if len(parts) == 2 and parts[0] == "distill" and parts[1] in TRAFLOW_FIELDS:
+        return ["distill", "traflow", parts[1]]
+    return parts
+
+
 def merge_sources(raw: dict[str, Any], overrides: list[str] | None = None,
                   values: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Typed flag values, then `--set` overrides in order, applied to a preset's dict in place."""
+    """Typed flag values, then `--set` overrides in order, applied to a preset's dict in place.
+
+    A preset or run spec carries TraFlow's settings (distill.traflow) as the default method's;
+    when the command chooses another method they are left out, so `--set distill.method=ctm`
+    works on any preset. TraFlow settings the command itself sets stay, and are refused there.
+    """
+    distill = raw.get("distill")
+    if isinstance(distill, dict):
+        try:
+            raw["distill"] = distill = move_traflow_fields(distill)
+        except ValueError as err:
+            raise SpecError(str(err)) from None
+    keys = [dotted for dotted, value in (values or {}).items() if value is not None]
+    keys += [assignment.partition("=")[0].strip() for assignment in overrides or []]
     for dotted, value in (values or {}).items():
         if value is not None:
             assign(raw, dotted, value)
     for assignment in overrides or []:
         apply_override(raw, assignment)
+    distill = raw.get("distill")
+    sets_traflow = any(section_path(key.split("."))[:2] == ["distill", "traflow"] for key in keys)
+    if isinstance(distill, dict) and distill.get("method", "traflow") != "traflow" and \
+            not sets_traflow:
+        distill.pop("traflow", None)
     return raw
 
 

@@ -240,6 +240,36 @@ class ReflowSpec(TeacherSpec):
     solver_steps: SolverSteps = 100  # Phi's steps on a uniform grid: the pairs' accuracy
 
 
+class TraFlowSpec(Section):
+    """`distill.method = "traflow"` (the default): TraFlow's weights and target choices
+    (objectives/traflow.py; names and defaults follow its TraFlowConfig)."""
+
+    w_out: NonNegativeFloat = 1.0
+    w_vel: NonNegativeFloat = 1.0
+    w_sc: NonNegativeFloat = 1.0
+    w_fm: NonNegativeFloat = 0.0
+    lambda_vel: Literal["adaptive"] | PositiveFloat = "adaptive"
+    lambda_clip: tuple[PositiveFloat, PositiveFloat] = (0.01, 10.0)
+    # L_vel's target: the chord x_hat - noise, or the teacher's velocity where the jump lands.
+    vel_target: Literal["chord", "tangent"] = "chord"
+    # L_sc's inner jump by G^- ("target") or by the online weights under stop-gradient (CTM).
+    sc_inner: Literal["target", "online"] = "target"
+    # A speed option that changes the estimator: L_vel on every vel_every-th row only.
+    vel_every: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _coherent(self) -> TraFlowSpec:
+        if self.w_out == self.w_vel == self.w_sc == self.w_fm == 0:
+            raise ValueError("every loss weight is 0; set at least one of w_out, w_vel, w_sc, "
+                             "w_fm")
+        if self.vel_target == "tangent" and self.w_vel > 0 and self.vel_every > 1:
+            raise ValueError("vel_target='tangent' calls the teacher with the whole batch's "
+                             "classes, so every row carries L_vel; set vel_every=1")
+        if self.lambda_clip[0] > self.lambda_clip[1]:
+            raise ValueError("lambda_clip must be (low, high) with low <= high")
+        return self
+
+
 class CTMSpec(Section):
     """`distill.method = "ctm"`: consistency trajectory distillation (objectives/ctm.py)."""
 
@@ -264,8 +294,28 @@ class EulerianSpec(Section):
     tangent_warmup: NonNegativeInt = 0
 
 
-# Each method's own section in `distill`; TraFlow's fields are distill's own (the default).
-METHOD_SECTIONS = {"ctm": CTMSpec, "lagrangian": LagrangianSpec, "eulerian": EulerianSpec}
+# Each method's own section in `distill`, present only when that method is chosen.
+METHOD_SECTIONS = {"traflow": TraFlowSpec, "ctm": CTMSpec, "lagrangian": LagrangianSpec,
+                   "eulerian": EulerianSpec}
+# TraFlow's fields as older specs (run folders' spec.json, presets, --set) put them: in distill.
+TRAFLOW_FIELDS = tuple(TraFlowSpec.model_fields)
+
+
+def move_traflow_fields(distill: dict[str, Any]) -> dict[str, Any]:
+    """A distill section with TraFlow's fields written the older way (flat in distill) moved
+    into distill.traflow; under another method they were ignored, and are dropped."""
+    flat = {k: distill[k] for k in TRAFLOW_FIELDS if k in distill}
+    if not flat:
+        return distill
+    out = {k: v for k, v in distill.items() if k not in flat}
+    if out.get("method", "traflow") == "traflow":
+        section = dict(out.get("traflow") or {})
+        twice = sorted(set(section) & set(flat))
+        if twice:
+            raise ValueError(f"distill.{twice[0]} and distill.traflow.{twice[0]} are both set; "
+                             f"keep one (distill.traflow.{twice[0]})")
+        out["traflow"] = {**flat, **section}
+    return out
 
 
 class DistillSpec(TrainingSpec):
@@ -277,6 +327,7 @@ class DistillSpec(TrainingSpec):
     # The objective: traflow (default), ctm, lagrangian or eulerian (objectives/); a method
     # other than traflow reads its own section, e.g. [distill.ctm], and none of TraFlow's weights.
     method: Literal["traflow", "ctm", "lagrangian", "eulerian"] = "traflow"
+    traflow: TraFlowSpec | None = None
     ctm: CTMSpec | None = None
     lagrangian: LagrangianSpec | None = None
     eulerian: EulerianSpec | None = None
@@ -286,26 +337,15 @@ class DistillSpec(TrainingSpec):
     # "uniform" for rectified flows); Heun on an EDM teacher steps in EDM's coordinates.
     time_grid: Literal["native", "uniform", "karras"] = "native"
     start: Literal["teacher", "data"] = "teacher"
-    w_out: NonNegativeFloat = 1.0
-    w_vel: NonNegativeFloat = 1.0
-    w_sc: NonNegativeFloat = 1.0
-    w_fm: NonNegativeFloat = 0.0
-    lambda_vel: Literal["adaptive"] | PositiveFloat = "adaptive"
-    lambda_clip: tuple[PositiveFloat, PositiveFloat] = (0.01, 10.0)
     distance: Literal["l2", "pseudo_huber"] = "l2"
     huber_c: PositiveFloat = 0.03
     # dG/ds for L_vel: forward mode ("jvp"), a central difference in s ("fd": float32 only), or
     # "auto": fd where the student runs in float32 without TF32 (the CPU), jvp elsewhere.
     derivative: Literal["jvp", "fd", "auto"] = "jvp"
     fd_step: PositiveFloat = 1e-4
-    vel_every: PositiveInt = 1
     # Consistency times on the grid points (CTM's draw) or moved within their cells
     # ("jittered": continuous times, one extra teacher step from the nearest grid state).
     consistency_times: Literal["grid", "jittered"] = "grid"
-    # L_vel's target: the chord x_hat - noise, or the teacher's velocity where the jump lands.
-    vel_target: Literal["chord", "tangent"] = "chord"
-    # L_sc's inner jump by G^- ("target") or by the online weights under stop-gradient (CTM).
-    sc_inner: Literal["target", "online"] = "target"
     target_ema: Unit = 0.9999
     trajectory_cache: NonNegativeInt = 0
     # Where the cache lives: the run folder's own file (None), or a file several runs of one
@@ -320,9 +360,12 @@ class DistillSpec(TrainingSpec):
     @classmethod
     def _method_section(cls, raw: Any) -> Any:
         # The chosen method's section exists (with its defaults) even where no field of it is set.
-        if isinstance(raw, dict) and raw.get("method") in METHOD_SECTIONS and \
-                raw.get(raw["method"]) is None:
-            raw = {**raw, raw["method"]: {}}
+        if not isinstance(raw, dict):
+            return raw
+        raw = move_traflow_fields(raw)
+        method = raw.get("method", "traflow")
+        if method in METHOD_SECTIONS and raw.get(method) is None:
+            raw = {**raw, method: {}}
         return raw
 
     @model_validator(mode="after")
@@ -339,8 +382,6 @@ class DistillSpec(TrainingSpec):
             if self.draws_per_solve > 1:
                 raise ValueError(f"distill.draws_per_solve: method {self.method!r} takes one "
                                  "teacher solve per row; set distill.draws_per_solve=1")
-        if self.method == "traflow" and self.w_out == self.w_vel == self.w_sc == self.w_fm == 0:
-            raise ValueError("every loss weight is 0; set at least one of w_out, w_vel, w_sc, w_fm")
         if self.start == "data" and self.trajectory_cache > 0:
             raise ValueError("trajectory_cache needs start='teacher' (cached solves start at noise)")
         if self.draws_per_solve > 1:
@@ -353,14 +394,11 @@ class DistillSpec(TrainingSpec):
         if self.start == "data" and self.consistency_times == "jittered":
             raise ValueError("consistency_times='jittered' steps from the teacher's trajectory "
                              "from noise; set start='teacher' or consistency_times='grid'")
-        if self.start == "data" and self.vel_target == "tangent" and self.w_vel > 0:
-            raise ValueError("vel_target='tangent' steps from the teacher's trajectory from "
-                             "noise; set start='teacher' or vel_target='chord'")
-        if self.vel_target == "tangent" and self.w_vel > 0 and self.vel_every > 1:
-            raise ValueError("vel_target='tangent' calls the teacher with the whole batch's "
-                             "classes, so every row carries L_vel; set vel_every=1")
-        if self.lambda_clip[0] > self.lambda_clip[1]:
-            raise ValueError("lambda_clip must be (low, high) with low <= high")
+        traflow = self.traflow
+        if self.start == "data" and traflow and traflow.vel_target == "tangent" and \
+                traflow.w_vel > 0:
+            raise ValueError("traflow.vel_target='tangent' steps from the teacher's trajectory "
+                             "from noise; set start='teacher' or traflow.vel_target='chord'")
         return self
 
 
@@ -492,6 +530,9 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any],
     that is that field's default: the older version behaved as the default does.
     """
     defaults = RunSpec().model_dump(mode="json")
+    # distill's method sections compare field by field, each with its own defaults.
+    defaults["distill"].update({name: section().model_dump(mode="json")
+                                for name, section in METHOD_SECTIONS.items()})
     out = []
     for name in sections:
         old, new = saved.get(name, {}), current.get(name, {})
@@ -499,7 +540,10 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any],
             if old != new:
                 out.append(name)
             continue
+        if name == "distill":
+            old = move_traflow_fields(old)  # a run started before TraFlow had its own section
         default = defaults.get(name, {}) if old.get("kind", new.get("kind")) == new.get("kind") else {}
+        old, new, default = _flat(old), _flat(new), _flat(default)
         for key in sorted(set(old) | set(new)):
             before = old[key] if key in old else default.get(key, _MISSING)
             if key not in RESUME_SAFE and before != new.get(key, _MISSING):
@@ -508,6 +552,18 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any],
 
 
 _MISSING = object()
+
+
+def _flat(section: dict[str, Any]) -> dict[str, Any]:
+    """One level of nested sections as dotted keys (distill.ctm.w_dsm); a section that is None
+    (a method not chosen) has no keys."""
+    out: dict[str, Any] = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{sub}": v for sub, v in value.items()})
+        elif value is not None or key not in METHOD_SECTIONS:
+            out[key] = value
+    return out
 
 
 def describe_validation_error(exc: ValidationError) -> str:

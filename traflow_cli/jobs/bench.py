@@ -30,7 +30,7 @@ from traflow_cli.errors import UserError
 from traflow_cli.grids import student_times
 from traflow_cli.jobs.batches import BatchSource, make_batch_source
 from traflow_cli.jobs.common import sample_shape
-from traflow_cli.jobs.distill import build_distill_step, cache_allowed
+from traflow_cli.jobs.distill import build_distill_step, cache_allowed, traflow_section
 from traflow_cli.jobs.teacher import build_teacher_step
 from traflow_cli.models import load_student, load_teacher
 from traflow_cli.nets import build_net, student_from_teacher
@@ -248,7 +248,7 @@ def distill_train_steps(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module,
         step = build_distill_step(variant, runtime, teacher_net, cache_file=None, batches=batches)
         steps.append(BenchedStep(
             {"solver": step.method, "teacher_solve": step.teacher_solve, "data": data,
-             "derivative": step.derivative, "vel_every": spec.distill.vel_every,
+             "derivative": step.derivative, "vel_every": traflow_section(spec.distill).vel_every,
              "draws_per_solve": step.draws_per_solve},
             step.step_fn, {"student": step.student, "target": step.target,
                            "teacher": step.teacher}))

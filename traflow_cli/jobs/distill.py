@@ -63,6 +63,7 @@ from traflow_cli.specs import (
     DistillSpec,
     RunSpec,
     SpecError,
+    TraFlowSpec,
     check_teacher_run,
 )
 
@@ -72,18 +73,22 @@ SECTIONS = ("seed", "data", "net", "distill")
 
 
 def traflow_config(section: DistillSpec) -> TraFlowConfig:
-    """The method's config from the spec section: every TraFlowConfig field, by name (the spec
-    defines each with the same default; tests/test_traflow.py checks it)."""
-    return TraFlowConfig(**{f.name: getattr(section, f.name)
+    """TraFlow's config: each TraFlowConfig field, by name, from distill.traflow or (the engine's
+    choices: teacher stepper, start, distance, derivative, time draw) from distill itself. The
+    spec defines each with the same default; tests/test_traflow.py checks it."""
+    own = traflow_section(section)
+    return TraFlowConfig(**{f.name: getattr(own if f.name in TraFlowSpec.model_fields else section, f.name)
                             for f in dataclasses.fields(TraFlowConfig)})
 
 
 def method_section(section: DistillSpec) -> Any:
-    """The chosen method's own section (its defaults where a spec copy skipped validation);
-    None for traflow, whose fields are distill's own."""
-    if section.method == "traflow":
-        return None
+    """The chosen method's own section (its defaults where a spec copy skipped validation)."""
     return getattr(section, section.method) or METHOD_SECTIONS[section.method]()
+
+
+def traflow_section(section: DistillSpec) -> TraFlowSpec:
+    """TraFlow's settings: the section when TraFlow is chosen, its defaults otherwise."""
+    return method_section(section) if section.method == "traflow" else TraFlowSpec()
 
 
 def objective_config(section: DistillSpec, *, teacher_solver: str, derivative: str) -> Any:
@@ -102,7 +107,7 @@ def objective_config(section: DistillSpec, *, teacher_solver: str, derivative: s
 def reads_data(section: DistillSpec) -> bool:
     """Whether the chosen objective reads a data batch each step."""
     if section.method == "traflow":
-        return section.start == "data" or section.w_fm > 0
+        return section.start == "data" or method_section(section).w_fm > 0
     return section.method == "ctm" and method_section(section).w_dsm > 0
 
 
@@ -238,7 +243,7 @@ def velocity_derivative(section: DistillSpec, runtime: Runtime, dropout: float =
     if section.derivative == "auto":
         return "jvp" if rounds or dropout > 0 else "fd"
     differentiates = section.method in ("lagrangian", "eulerian") or (
-        section.method == "traflow" and section.w_vel > 0)
+        section.method == "traflow" and method_section(section).w_vel > 0)
     if section.derivative == "fd" and differentiates and rounds:
         raise SpecError("distill.derivative: 'fd' differences two jumps 2 x fd_step apart, which "
                         "bf16 and TF32 round to noise; set runtime.precision=fp32 and "
@@ -318,8 +323,10 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
         raise SpecError(f"distill.draws_per_solve: {share} must divide each process's share of "
                         f"the batch ({rows.stop - rows.start} rows); choose a divisor of it")
     solve_rows = slice(rows.start // share, rows.stop // share)  # this rank's shared solves
-    if runtime.world_size > 1 and (rows.stop - rows.start) % cfg.vel_every:
-        raise SpecError(f"distill.vel_every: {cfg.vel_every} must divide each process's share of "
+    # TraFlow's speed option: L_vel on every vel_every-th row (1 for the other methods).
+    vel_every = traflow_section(cfg).vel_every if cfg.method == "traflow" else 1
+    if runtime.world_size > 1 and (rows.stop - rows.start) % vel_every:
+        raise SpecError(f"distill.traflow.vel_every: {vel_every} must divide each process's share of "
                         f"the batch ({rows.stop - rows.start} rows), so that every process has as "
                         "many L_vel rows; choose a divisor of it")
     shape = sample_shape(config)
@@ -350,7 +357,7 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
         torch.manual_seed(derive_seed(spec.seed, runtime.rank, step))  # dropout
         gen = generator_for(spec.seed, 0, step, device=runtime.device)
         # The jitter has its own stream: grid and jittered runs draw the same noise and pairs.
-        times = draw_times(grid_host, cfg.batch_size, gen, vel_every=cfg.vel_every,
+        times = draw_times(grid_host, cfg.batch_size, gen, vel_every=vel_every,
                            jittered=cfg.consistency_times == "jittered",
                            jitter_generator=generator_for(spec.seed, 9, step,
                                                           device=runtime.device),
