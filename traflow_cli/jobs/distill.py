@@ -34,10 +34,11 @@ from torch import Tensor, nn
 from traflow_cli.engine.checkpoint import latest_checkpoint
 from traflow_cli.engine.distributed import all_mean, gather_shards, rank, shard, unwrap, wrap_ddp
 from traflow_cli.engine.ema import make_ema, update_ema
+from traflow_cli.engine.progress import ProgressBar
 from traflow_cli.engine.records import atomic_write_bytes
 from traflow_cli.engine.runtime import Runtime
 from traflow_cli.errors import one_line, writing
-from traflow_cli.flow import solve_on_grid
+from traflow_cli.flow import evals_on_grid, solve_on_grid
 from traflow_cli.grids import SigmaRange, resolve_grid, teacher_grid
 from traflow_cli.jobs.batches import BatchSource, global_normal, make_batch_source
 from traflow_cli.jobs.common import (
@@ -186,10 +187,28 @@ def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, se
             return solve_on_grid(velocity, start_state(chunk, grid[0]), grid, method=solver)[None]
         return trajectory_from_noise(velocity, chunk, grid, solver)
 
-    parts = [solve(teacher_velocity(teacher, None if labels is None else
-                                    labels[mine][start:start + batch]), chunk)
-             for start, chunk in zip(range(0, count, batch), noise[mine].split(batch),
-                                     strict=False)]
+    chunks = noise[mine].split(batch)
+    # The solve can take many minutes before the first step: its own progress line, per
+    # teacher evaluation of a chunk (rate in images through the teacher per second).
+    per_chunk = evals_on_grid(solver, grid)
+    with ProgressBar("teacher solves", len(chunks) * per_chunk, unit="evaluation",
+                     per_unit=min(batch, max(1, len(noise[mine]))),
+                     enabled=rank() == 0) as bar:
+        done = 0
+
+        def counted(velocity: Any) -> Any:
+            def call(x: Tensor, t: Tensor) -> Tensor:
+                nonlocal done
+                out = velocity(x, t)
+                done += 1
+                bar.update(done)
+                return out
+            return call
+
+        parts = []
+        for start, chunk in zip(range(0, count, batch), chunks, strict=False):
+            chunk_labels = None if labels is None else labels[mine][start:start + batch]
+            parts.append(solve(counted(teacher_velocity(teacher, chunk_labels)), chunk))
     empty = noise.new_empty((1 if ends_only else len(grid), 0, *shape))
     trajectory = gather_shards(torch.cat(parts or [empty], dim=1), count, dim=1)
     if rank() == 0 and cache_file is not None:
