@@ -194,7 +194,9 @@ def main() -> None:
     parser.add_argument("--reflow", type=Path, default=None,
                         help="a reflowed teacher (traflow teacher reflow): adds reflow+BEST")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
-    parser.add_argument("--set", action="append", default=[], help="section.key=value for all")
+    parser.add_argument("--set", action="append", default=[],
+                        help="section.key=value for every method's run (so no distill.traflow.* "
+                             "setting: the other methods refuse it)")
     parser.add_argument("--agreement-samples", type=int, default=1000)
     parser.add_argument("--rk45-cache", type=Path, default=None,
                         help="middle_times.py's RK45 cache for this teacher and sample count")

@@ -282,11 +282,23 @@ def test_traflows_settings_are_its_own_section_and_older_flat_names_still_work()
     spec = resolve_spec("toy2d", ["distill.w_vel=0.5"])
     assert spec.distill.traflow is not None and spec.distill.traflow.w_vel == 0.5
     assert resolve_spec("toy2d", ["distill.method=ctm"]).distill.traflow is None
-    with pytest.raises(SpecError, match=r"distill\.traflow is set but distill\.method is 'ctm'"):
-        resolve_spec("toy2d", ["distill.method=ctm", "distill.traflow.w_vel=0"])
+    for key in ("distill.traflow.w_vel", "distill.w_vel"):
+        with pytest.raises(SpecError, match=rf"{key}: a TraFlow setting .*method is 'ctm'"):
+            resolve_spec("toy2d", ["distill.method=ctm", f"{key}=0"])
     with pytest.raises(SpecError, match="every loss weight is 0"):
         resolve_spec("toy2d", ["distill.traflow.w_out=0", "distill.w_vel=0",
                                "distill.traflow.w_sc=0"])
+
+
+def test_older_flat_traflow_settings_survive_a_base_of_another_method(tmp_path: Path) -> None:
+    """A TOML (or recorded spec) of another method with TraFlow's fields flat in distill: a
+    command that chooses TraFlow gets those values, not the defaults."""
+    toml = tmp_path / "mine.toml"
+    toml.write_text('[data]\nname = "ring8"\n[net]\nkind = "mlp"\n[distill]\n'
+                    'method = "ctm"\nw_vel = 0.25\nlambda_vel = 2.0\n')
+    assert resolve_spec(str(toml)).distill.traflow is None
+    traflow = resolve_spec(str(toml), ["distill.method=traflow"]).distill.traflow
+    assert traflow is not None and (traflow.w_vel, traflow.lambda_vel) == (0.25, 2.0)
 
 
 def test_a_run_recorded_before_the_method_sections_resumes_with_the_same_settings() -> None:

@@ -95,13 +95,20 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     parts = section_path(key.strip().split("."))
     node = raw
     for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:  # absent, or an optional section left out (e.g. distill.ctm)
-            child = node[part] = {}
+        child = _subsection(node, part)
         if not isinstance(child, dict):
             raise SpecError(f"--set {assignment!r}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = parse_value(value.strip())
+
+
+def _subsection(node: dict[str, Any], part: str) -> Any:
+    """node[part], made an empty section where absent or recorded as None (a method's section
+    left out, e.g. distill.ctm in a TraFlow run's spec.json)."""
+    child = node.get(part)
+    if child is None:
+        child = node[part] = {}
+    return child
 
 
 def assign(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -109,7 +116,7 @@ def assign(raw: dict[str, Any], dotted: str, value: Any) -> None:
     *sections, key = section_path(dotted.split("."))
     node = raw
     for part in sections:
-        node = node.setdefault(part, {})
+        node = _subsection(node, part)
     node[key] = value
 
 
@@ -126,12 +133,12 @@ def merge_sources(raw: dict[str, Any], overrides: list[str] | None = None,
 
     A preset or run spec carries TraFlow's settings (distill.traflow) as the default method's;
     when the command chooses another method they are left out, so `--set distill.method=ctm`
-    works on any preset. TraFlow settings the command itself sets stay, and are refused there.
+    works on any preset. A TraFlow setting the command itself makes there is one line.
     """
     distill = raw.get("distill")
     if isinstance(distill, dict):
-        try:
-            raw["distill"] = distill = move_traflow_fields(distill)
+        try:  # older flat names kept whatever the base's method: the command may change it
+            raw["distill"] = move_traflow_fields(distill, keep=True)
         except ValueError as err:
             raise SpecError(str(err)) from None
     keys = [dotted for dotted, value in (values or {}).items() if value is not None]
@@ -142,9 +149,13 @@ def merge_sources(raw: dict[str, Any], overrides: list[str] | None = None,
     for assignment in overrides or []:
         apply_override(raw, assignment)
     distill = raw.get("distill")
-    sets_traflow = any(section_path(key.split("."))[:2] == ["distill", "traflow"] for key in keys)
-    if isinstance(distill, dict) and distill.get("method", "traflow") != "traflow" and \
-            not sets_traflow:
+    method = distill.get("method", "traflow") if isinstance(distill, dict) else "traflow"
+    if method != "traflow" and isinstance(distill, dict):
+        for key in keys:
+            if section_path(key.split("."))[:2] == ["distill", "traflow"]:
+                raise SpecError(f"{key}: a TraFlow setting (distill.traflow), but "
+                                f"distill.method is {method!r}; drop it, or choose "
+                                "distill.method=traflow")
         distill.pop("traflow", None)
     return raw
 

@@ -301,14 +301,15 @@ METHOD_SECTIONS = {"traflow": TraFlowSpec, "ctm": CTMSpec, "lagrangian": Lagrang
 TRAFLOW_FIELDS = tuple(TraFlowSpec.model_fields)
 
 
-def move_traflow_fields(distill: dict[str, Any]) -> dict[str, Any]:
+def move_traflow_fields(distill: dict[str, Any], *, keep: bool = False) -> dict[str, Any]:
     """A distill section with TraFlow's fields written the older way (flat in distill) moved
-    into distill.traflow; under another method they were ignored, and are dropped."""
+    into distill.traflow; under another method they were ignored, and are dropped (kept with
+    `keep`, for a command that may choose TraFlow after all)."""
     flat = {k: distill[k] for k in TRAFLOW_FIELDS if k in distill}
     if not flat:
         return distill
     out = {k: v for k, v in distill.items() if k not in flat}
-    if out.get("method", "traflow") == "traflow":
+    if keep or out.get("method", "traflow") == "traflow":
         section = dict(out.get("traflow") or {})
         twice = sorted(set(section) & set(flat))
         if twice:
