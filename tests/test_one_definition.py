@@ -145,6 +145,16 @@ def test_presets_and_run_folders_load_through_their_own_functions(toy_teacher: P
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_preset_name_wins_over_a_folder_of_that_name(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run folder called toy2d in the working directory does not hide the toy2d preset."""
+    from traflow_cli.presets import load_preset
+
+    (tmp_path / "toy2d").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_preset("toy2d")["preset"] == "toy2d"
+
+
 def test_write_grid_is_not_a_time_grid_and_old_records_still_load(toy_teacher: Path,
                                                                    tmp_path: Path) -> None:
     import json

@@ -37,7 +37,12 @@ def available_presets() -> list[str]:
 
 
 def preset_path(name: str) -> Path:
-    """A preset name (toy2d) or a path to a TOML file."""
+    """A preset name (toy2d) or a path to a TOML file. A preset's name wins over a folder of
+    the same name in the working directory (a run folder called toy2d, say)."""
+    if not name.endswith(".toml") and "/" not in name:
+        for folder in preset_dirs():
+            if (folder / f"{name}.toml").is_file():
+                return folder / f"{name}.toml"
     if Path(name).is_dir():
         raise SpecError(f"--preset: {name!r} is a folder, not a preset; give a preset name "
                         f"({', '.join(available_presets())}) or a .toml file (a command that "
