@@ -110,15 +110,18 @@ class Comparison:
         return row
 
     def measure(self, run: Path, teacher: Path) -> dict:
+        # Images: every row against the parent teacher's RK45, reflow rows included (their own
+        # teacher's RK45 would be another reference).
+        reference_teacher = self.args.teacher
         if self.args.preset.startswith("toy"):
             toy = traflow("eval", "toy", "--student", run, "--teacher", teacher, "--json",
                           "--out", run / "eval")
             return {f"nfe{r['nfe']}": {"sw2": r["sliced_wasserstein"], "mmd": r["mmd"]}
                     for r in toy["rows"] if r["model"] == "student"}
         if self.args.rk45_cache:
-            out = self.middle_times(run, teacher)
+            out = self.middle_times(run, reference_teacher)
         else:
-            agreement = traflow("eval", "agreement", run, "--teacher", teacher, "--json",
+            agreement = traflow("eval", "agreement", run, "--teacher", reference_teacher, "--json",
                                 "-n", self.args.agreement_samples)
             out = {f"nfe{r['nfe']}": {"psnr_db": r["psnr_db"]}
                    for r in agreement["rows"] if r["model"] == "student"}
