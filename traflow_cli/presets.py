@@ -52,9 +52,6 @@ def preset_path(name: str) -> Path:
         if not path.is_file():
             raise SpecError(f"--preset: no preset file at {name!r}")
         return path
-    for folder in preset_dirs():
-        if (folder / f"{name}.toml").is_file():
-            return folder / f"{name}.toml"
     raise SpecError(f"--preset: unknown preset {name!r}; choose from "
                     f"{', '.join(available_presets())} or give a .toml file")
 

@@ -342,8 +342,8 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
         raise SpecError(f"distill.draws_per_solve: {share} must divide each process's share of "
                         f"the batch ({rows.stop - rows.start} rows); choose a divisor of it")
     solve_rows = slice(rows.start // share, rows.stop // share)  # this rank's shared solves
-    # TraFlow's speed option: L_vel on every vel_every-th row (1 for the other methods).
-    vel_every = traflow_section(cfg).vel_every if cfg.method == "traflow" else 1
+    # TraFlow's speed option: L_vel on every vel_every-th row (its default 1 for other methods).
+    vel_every = traflow_section(cfg).vel_every
     if runtime.world_size > 1 and (rows.stop - rows.start) % vel_every:
         raise SpecError(f"distill.traflow.vel_every: {vel_every} must divide each process's share of "
                         f"the batch ({rows.stop - rows.start} rows), so that every process has as "
