@@ -11,7 +11,7 @@ What it writes, under STUDY_DIR (default runs/cifar10-cpu-study):
     results.json, results.md, grid.png, timings.json    the study's answer
 
 Usage: python benchmarks/cifar10_cpu_study.py [--study-dir DIR] [--data PATH] [--samples N]
-       [--no-ablations] [--quick] [--workers N]
+       [--no-ablations] [--quick] [--workers N] [--teacher RUN] [--student RUN] [--rows NAMES]
   --data PATH: the CIFAR-10 training images, as an EDM-layout zip or folder (CLASS/NNNN.jpg and
      dataset.json) or torchvision's cifar-10-batches-py folder. Without it, torchvision's copy
      under traflow's data root ($TRAFLOW_DATA or ~/.cache/traflow/data, in cifar10/) if there.
@@ -19,6 +19,10 @@ Usage: python benchmarks/cifar10_cpu_study.py [--study-dir DIR] [--data PATH] [-
   --workers N: measure N rows at once, each command on OMP_NUM_THREADS/N threads (default 1).
      On 2 cores, two 1-thread workers measure Inception features ~15% faster than one 2-thread
      process (0.27 s/image each, against 0.16 s/image for the one). The numbers do not change.
+     The reference's statistics are measured once, beside the samples, before any FID row.
+  --teacher RUN / --student RUN: measure finished runs (models/cifar10-cpu/teacher, .../student)
+     instead of training and distilling the study's own.
+  --rows NAMES: only these rows, comma-separated (student-nfe1,student-nfe2,teacher-rk45, ...).
 """
 
 from __future__ import annotations
@@ -53,7 +57,10 @@ class Study:
     quick: bool = False
     workers: int = 1
     teacher: Path | None = None  # a finished teacher run (models/cifar10-cpu/teacher): no training
+    student: Path | None = None  # a finished student run (models/cifar10-cpu/student): no distill
+    rows: tuple[str, ...] | None = None  # measure only these sample rows (None: every row)
     timings: dict[str, float] = field(default_factory=dict)
+    planned: int = 0  # rows this run measures (set by run)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- bookkeeping ------------------------------------------------------------------------
@@ -107,6 +114,14 @@ class Study:
         """The teacher run the study distills and samples: --teacher, or its own."""
         return self.teacher or self.root / "teacher"
 
+    def run_dir(self, run: str) -> Path:
+        """A row's run folder: the teacher's, --student for the student, else the study's own."""
+        if run == "teacher":
+            return self.teacher_dir
+        if run == "student" and self.student is not None:
+            return self.student
+        return self.root / run
+
     # -- stages -----------------------------------------------------------------------------
     def train_teacher(self) -> None:
         if self.teacher is None and not (self.root / "teacher" / "summary.json").is_file():
@@ -114,6 +129,8 @@ class Study:
                          *self.common)
 
     def distill(self, name: str, *extra: str) -> None:
+        if name == "student" and self.student is not None:
+            return
         if not (self.root / name / "summary.json").is_file():
             self.traflow(name, "distill", "--teacher", self.teacher_dir, "--out",
                          self.root / name, *self.common, *self.sets(*extra))
@@ -142,8 +159,7 @@ class Study:
         count = 8 if self.quick else self.samples
         summary = out / "summary.json"
         if not (summary.is_file() and json.loads(summary.read_text())["num_samples"] == count):
-            folder = self.teacher_dir if run == "teacher" else self.root / run
-            self.traflow(f"sample {name}", "sample", folder, "-n", count, "--out", out,
+            self.traflow(f"sample {name}", "sample", self.run_dir(run), "-n", count, "--out", out,
                          *args)
         return out
 
@@ -153,6 +169,32 @@ class Study:
             self.traflow(f"fid {name}", "eval", "fid", samples, "--ref", reference, "--offline",
                          "--json")
         return json.loads(path.read_text())
+
+    def reference_statistics(self, reference: Path) -> None:
+        """Measure the reference's Inception statistics into traflow's FID cache, once, before
+        any FID row: two workers' first FID rows would otherwise both measure all 10,000 images
+        at the same time (they share the cache file, not the work)."""
+        code = ("import sys; from traflow_cli.metrics.fid import CPU_BATCH; "
+                "from traflow_cli.metrics.reference import reference_stats; "
+                "reference_stats(sys.argv[1], mode='legacy_tensorflow', split='train', "
+                "resolution=int(sys.argv[2]), batch_size=CPU_BATCH, allow_download=False)")
+        size = Image.open(next(iter(sorted(reference.glob("*.png"))))).size[0]
+        print(f"[study] reference statistics: {reference}", file=sys.stderr, flush=True)
+        began = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", code, str(reference), str(size)],
+                              env=self.env, cwd=REPO)
+        self.add_time("reference statistics", time.perf_counter() - began)
+        if done.returncode != 0:
+            raise SystemExit("[study] reference statistics failed; fix the cause and re-run")
+
+    def sample_row(self, run: str, solver: str, k: int | None) -> Path:
+        """The row's samples (written once): student jumps, or the teacher's Euler or RK45."""
+        name = row_name(run, solver, k)
+        if solver == "jump":
+            return self.sample(name, run, "--nfe", k)
+        if solver == "euler":
+            return self.sample(name, run, "--solver", "euler", "--steps", k)
+        return self.sample(name, run, "--solver", "rk45")
 
     # -- the whole study --------------------------------------------------------------------
     def run(self) -> dict:
@@ -170,11 +212,9 @@ class Study:
             plan = plan[:4]
         if self.ablations:
             plan += [(run, "jump", k) for run in ABLATIONS for k in (1, 2)]
-        # Rows that share a run folder (an ablation's distillation) stay in one task, in order.
-        tasks: dict[str, list[tuple[int, str, str, int | None]]] = {}
-        for index, (run, solver, k) in enumerate(plan):
-            key = run if run.startswith("student-w") else f"row{index}"
-            tasks.setdefault(key, []).append((index, run, solver, k))
+        if self.rows is not None:
+            plan = [row for row in plan if row_name(*row) in self.rows]
+        self.planned = len(plan)
         measured: dict[int, tuple[str, str, Path, dict]] = {}
         out: dict = {}
 
@@ -183,20 +223,30 @@ class Study:
             for index, run, solver, k in rows:
                 if run.startswith("student-w"):
                     self.distill(run, ABLATIONS[run])
-                if solver == "jump":
-                    folder = self.sample(f"{run}-nfe{k}", run, "--nfe", k)
-                elif solver == "euler":
-                    folder = self.sample(f"teacher-euler{k}", run, "--solver", "euler",
-                                         "--steps", k)
-                else:
-                    folder = self.sample("teacher-rk45", run, "--solver", "rk45")
+                folder = self.sample_row(run, solver, k)
                 fid = self.fid(folder.name, folder, reference)
                 with self._lock:
                     measured[index] = (run, solver, folder, fid)
                     out = self.report([measured[i] for i in sorted(measured)], reference)
 
+        main = [(i, *row) for i, row in enumerate(plan) if not row[0].startswith("student-w")]
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            for future in [pool.submit(measure, rows) for rows in tasks.values()]:
+            # First the reference statistics beside the main rows' samples (the teacher's RK45
+            # solve is the longest of them), so no FID row measures the reference itself.
+            todo = [row for row in main if not (self.root / "samples" / row_name(*row[1:])
+                                                / "fid.json").is_file()]
+            firsts = [pool.submit(lambda: [self.sample_row(*row[1:]) for row in main])]
+            if todo:
+                firsts.append(pool.submit(self.reference_statistics, reference))
+            for future in firsts:
+                future.result()
+            # Then one task per main row, and one per ablation (its distillation, then its rows).
+            tasks = [[row] for row in main]
+            for name in ABLATIONS:
+                rows = [(i, *row) for i, row in enumerate(plan) if row[0] == name]
+                if rows:
+                    tasks.append(rows)
+            for future in [pool.submit(measure, rows) for rows in tasks]:
                 future.result()
         return out
 
@@ -216,7 +266,7 @@ class Study:
                "reference_count": len(list(reference.glob("*.png"))),
                "teacher_steps": teacher["steps"], "rows": results, "timings_s": self.timings,
                "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
-               "quick": self.quick, "complete": len(results) == self.planned_rows}
+               "quick": self.quick, "complete": len(results) == self.planned}
         (self.root / "results.json").write_text(json.dumps(out, indent=1) + "\n")
         (self.root / "results.md").write_text(markdown_table(out))
         rows = [self.root / "samples" / name / "images" for name in
@@ -225,9 +275,16 @@ class Study:
             save_grid(self.root / "grid.png", rows)
         return out
 
-    @property
-    def planned_rows(self) -> int:
-        return (4 if self.quick else 8) + (4 if self.ablations else 0)
+
+
+ROWS = ("student-nfe1", "student-nfe2", "student-nfe4", "teacher-euler1", "teacher-euler2",
+        "teacher-euler4", "teacher-euler8", "teacher-rk45",
+        *(f"{name}-nfe{k}" for name in ABLATIONS for k in (1, 2)))
+
+
+def row_name(run: str, solver: str, k: int | None) -> str:
+    """The samples folder a row writes: student-nfe1, teacher-euler4, teacher-rk45, ..."""
+    return {"jump": f"{run}-nfe{k}", "euler": f"teacher-euler{k}"}.get(solver, "teacher-rk45")
 
 
 def psnr_folders(folder: Path, reference: Path) -> float:
@@ -300,12 +357,26 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, default=None,
                         help="a finished teacher run to use instead of training one "
                         "(e.g. models/cifar10-cpu/teacher)")
+    parser.add_argument("--student", type=Path, default=None,
+                        help="a finished student run to measure instead of distilling one "
+                        "(e.g. models/cifar10-cpu/student)")
+    parser.add_argument("--rows", default=None,
+                        help=f"measure only these rows, comma-separated: {', '.join(ROWS)}")
     args = parser.parse_args()
     if args.workers < 1:
         raise SystemExit(f"--workers: must be at least 1, got {args.workers}")
+    rows = None if args.rows is None else tuple(r.strip() for r in args.rows.split(",") if r)
+    if rows is not None and (not rows or set(rows) - set(ROWS)):
+        raise SystemExit(f"--rows: unknown row {', '.join(sorted(set(rows) - set(ROWS))) or '(none given)'}; "
+                         f"choose from {', '.join(ROWS)}")
+    for flag, run in (("--teacher", args.teacher), ("--student", args.student)):
+        if run is not None and not (run / "summary.json").is_file():
+            raise SystemExit(f"{flag}: {run} is not a finished run folder (no summary.json); "
+                             "pass a run folder that train or distill completed")
     study = Study(root=args.study_dir, data=resolve_data(args.data), samples=args.samples,
                   ablations=not (args.no_ablations or args.quick), quick=args.quick,
-                  workers=args.workers, teacher=args.teacher)
+                  workers=args.workers, teacher=args.teacher,
+                  student=None if args.student is None else args.student.resolve(), rows=rows)
     out = study.run()
     print((study.root / "results.md").read_text())
     print(json.dumps({"results": str(study.root / "results.json"), "rows": len(out["rows"])}))

@@ -77,3 +77,29 @@ def test_plain_lines_come_at_each_tenth_and_at_the_end(capsys: pytest.CaptureFix
     with ProgressBar("distill", 10, enabled=False) as bar:
         bar.update(10, {"loss": 1.0})
     assert capsys.readouterr().err == ""
+
+
+def test_the_teacher_solve_before_a_distillation_counts_every_image(tmp_path: Path) -> None:
+    """The cache's teacher solve (minutes on a CPU before step 1) reports its own lines,
+    counted in images through the teacher: a short last chunk (5,000 = 4,096 + 904 rows) ends
+    the count exactly at the total, so the rate and the ETA are those of the real work."""
+    from traflow_cli.flow import evals_on_grid
+    from traflow_cli.grids import time_grid
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    small = ["--device", "cpu", "--set", "net.hidden=16"]
+    teacher = tmp_path / "teacher"
+    subprocess.run([sys.executable, "-m", "traflow_cli", "teacher", "train", "--out",
+                    str(teacher), "--steps", "2", *small], check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "traflow_cli", "distill", "--teacher", str(teacher), "--out",
+         str(tmp_path / "student"), "--steps", "1", *small, "--set", "distill.grid_steps=3",
+         "--set", "distill.trajectory_cache=5000", "--set", "distill.batch_size=8"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    solves = [line for line in done.stderr.splitlines() if line.startswith("teacher solves")]
+    total = 5000 * evals_on_grid("heun", time_grid(3))
+    assert solves and solves[-1].startswith(
+        f"teacher solves  evaluation {total}/{total}  100.0%  images/s "), done.stderr
+    assert solves[-1].split("  ")[4] == "eta 0:00:00"

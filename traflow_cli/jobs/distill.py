@@ -188,11 +188,11 @@ def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, se
         return trajectory_from_noise(velocity, chunk, grid, solver)
 
     chunks = noise[mine].split(batch)
-    # The solve can take many minutes before the first step: its own progress line, per
-    # teacher evaluation of a chunk (rate in images through the teacher per second).
-    per_chunk = evals_on_grid(solver, grid)
-    with ProgressBar("teacher solves", len(chunks) * per_chunk, unit="evaluation",
-                     per_unit=min(batch, max(1, len(noise[mine]))),
+    # The solve can take many minutes before the first step: its own progress line, counted
+    # in images through the teacher (a chunk's rows per evaluation, so a short last chunk
+    # counts as what it is).
+    per_row = evals_on_grid(solver, grid)
+    with ProgressBar("teacher solves", len(noise[mine]) * per_row, unit="evaluation",
                      enabled=rank() == 0) as bar:
         done = 0
 
@@ -200,7 +200,7 @@ def teacher_trajectories(teacher: Any, shape: tuple[int, ...], *, count: int, se
             def call(x: Tensor, t: Tensor) -> Tensor:
                 nonlocal done
                 out = velocity(x, t)
-                done += 1
+                done += len(x)
                 bar.update(done)
                 return out
             return call
