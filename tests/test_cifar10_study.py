@@ -43,6 +43,16 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((study / "timings.json").read_text()) == timings
     assert "traflow" not in again.stderr  # no stage command was started
+    # A finished student measured as it is (the shipped one, say), on the rows asked for alone.
+    other = tmp_path / "other"
+    done = subprocess.run(["bash", str(SCRIPT), "--quick", "--study-dir", str(other), "--data", str(ZIP),
+                           "--teacher", str(study / "teacher"), "--student", str(study / "student"),
+                           "--rows", "student-nfe1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((other / "results.json").read_text())
+    assert [r["samples"] for r in results["rows"]] == ["student-nfe1"] and results["complete"]
+    assert results["rows"][0]["fid"] == pytest.approx(rows["student-nfe1"]["fid"], rel=1e-6)
+    assert " distill " not in done.stderr and not (other / "student").exists()
 
 
 def test_study_needs_data_and_names_how_to_give_it(tmp_path: Path) -> None:
@@ -60,6 +70,17 @@ def test_study_needs_data_and_names_how_to_give_it(tmp_path: Path) -> None:
     done = subprocess.run([*command, "--data", str(tmp_path / "none.zip")], capture_output=True,
                           text=True, env=env)
     assert done.returncode == 1 and done.stderr.startswith(f"--data: nothing at {tmp_path}")
+    # A row that does not exist, or a run that never finished: one line each, before any work.
+    done = subprocess.run([*command, "--data", str(ZIP), "--rows", "student-nfe3"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and done.stderr.startswith("--rows: unknown row student-nfe3; "
+                                                           "choose from student-nfe1, ")
+    done = subprocess.run([*command, "--data", str(ZIP), "--student", str(tmp_path)],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and done.stderr.strip() == (
+        f"--student: {tmp_path} is not a finished run folder (no summary.json); pass a run "
+        "folder that train or distill completed")
+    assert not (tmp_path / "study").exists()
 
 
 def test_study_defaults_to_torchvisions_copy(tmp_path: Path,
