@@ -131,6 +131,10 @@ class Study:
     def distill(self, name: str, *extra: str) -> None:
         if name == "student" and self.student is not None:
             return
+        spec = self.root / name / "spec.json"
+        if spec.is_file():  # a finished or part-done student of another teacher is not ours
+            recorded = json.loads(spec.read_text())["spec"]["distill"]["teacher"]
+            check_same_model(self.root / name, recorded, self.teacher_dir, what="distilled from")
         if not (self.root / name / "summary.json").is_file():
             self.traflow(name, "distill", "--teacher", self.teacher_dir, "--out",
                          self.root / name, *self.common, *self.sets(*extra))
@@ -154,18 +158,27 @@ class Study:
         self.add_time("reference", time.perf_counter() - began)
         return folder
 
+    @property
+    def count(self) -> int:
+        """Samples per row."""
+        return 8 if self.quick else self.samples
+
     def sample(self, name: str, run: str, *args: object) -> Path:
         out = self.root / "samples" / name
-        count = 8 if self.quick else self.samples
         summary = out / "summary.json"
-        if not (summary.is_file() and json.loads(summary.read_text())["num_samples"] == count):
-            self.traflow(f"sample {name}", "sample", self.run_dir(run), "-n", count, "--out", out,
-                         *args)
+        if summary.is_file():
+            made = json.loads(summary.read_text())
+            check_same_model(out, made["model"], self.run_dir(run))
+            if made["num_samples"] == self.count:
+                return out
+        self.traflow(f"sample {name}", "sample", self.run_dir(run), "-n", self.count, "--out",
+                     out, *args)
         return out
 
     def fid(self, name: str, samples: Path, reference: Path) -> dict:
+        """The row's FID, measured again when its samples outgrew it (a larger --samples)."""
         path = samples / "fid.json"
-        if not path.is_file():
+        if not (path.is_file() and json.loads(path.read_text())["num_samples"] == self.count):
             self.traflow(f"fid {name}", "eval", "fid", samples, "--ref", reference, "--offline",
                          "--json")
         return json.loads(path.read_text())
@@ -203,18 +216,11 @@ class Study:
         report is written after every measured row, so a study stopped part-way shows what it
         has measured."""
         self.train_teacher()
-        self.distill("student")
         reference = self.export_reference()
-        plan = [("student", "jump", 1), ("teacher", "euler", 1), ("student", "jump", 2),
-                ("teacher", "rk45", None), ("student", "jump", 4), ("teacher", "euler", 2),
-                ("teacher", "euler", 4), ("teacher", "euler", 8)]
-        if self.quick:  # one row of each kind of stage keeps the pipeline tested, in CI time
-            plan = plan[:4]
-        if self.ablations:
-            plan += [(run, "jump", k) for run in ABLATIONS for k in (1, 2)]
-        if self.rows is not None:
-            plan = [row for row in plan if row_name(*row) in self.rows]
+        plan = study_plan(quick=self.quick, ablations=self.ablations, rows=self.rows)
         self.planned = len(plan)
+        if any(run == "student" for run, _, _ in plan):
+            self.distill("student")
         measured: dict[int, tuple[str, str, Path, dict]] = {}
         out: dict = {}
 
@@ -233,7 +239,7 @@ class Study:
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             # First the reference statistics beside the main rows' samples (the teacher's RK45
             # solve is the longest of them), so no FID row measures the reference itself.
-            todo = [row for row in main if not (self.root / "samples" / row_name(*row[1:])
+            todo = [row for row in plan if not (self.root / "samples" / row_name(*row)
                                                 / "fid.json").is_file()]
             firsts = [pool.submit(lambda: [self.sample_row(*row[1:]) for row in main])]
             if todo:
@@ -280,6 +286,36 @@ class Study:
 ROWS = ("student-nfe1", "student-nfe2", "student-nfe4", "teacher-euler1", "teacher-euler2",
         "teacher-euler4", "teacher-euler8", "teacher-rk45",
         *(f"{name}-nfe{k}" for name in ABLATIONS for k in (1, 2)))
+
+
+def study_plan(*, quick: bool, ablations: bool, rows: tuple[str, ...] | None
+               ) -> list[tuple[str, str, int | None]]:
+    """The rows to measure, (run, sampler, NFE), in the order of what they answer: the student at
+    1 and 2 NFE against the teacher's one step and its RK45 solve first, the others after. A
+    `rows` name outside the plan is a one-line SystemExit, before any work."""
+    plan: list[tuple[str, str, int | None]] = [
+        ("student", "jump", 1), ("teacher", "euler", 1), ("student", "jump", 2),
+        ("teacher", "rk45", None), ("student", "jump", 4), ("teacher", "euler", 2),
+        ("teacher", "euler", 4), ("teacher", "euler", 8)]
+    if quick:  # one row of each kind of stage keeps the pipeline tested, in CI time
+        plan = plan[:4]
+    if ablations:
+        plan += [(run, "jump", k) for run in ABLATIONS for k in (1, 2)]
+    if rows is None:
+        return plan
+    missing = set(rows) - {row_name(*row) for row in plan}
+    if missing:
+        raise SystemExit(f"--rows: {', '.join(sorted(missing))} not in this study's plan "
+                         "(--quick keeps four rows, --no-ablations drops the ablations)")
+    return [row for row in plan if row_name(*row) in rows]
+
+
+def check_same_model(folder: Path, recorded: str, model: Path, what: str = "made from") -> None:
+    """Stop (one line) when a study folder's `folder` came from another run than `model`: its
+    samples or student would otherwise be reported as `model`'s."""
+    if Path(recorded).resolve() != model.resolve():
+        raise SystemExit(f"[study] {folder} was {what} {recorded}, not {model}; use another "
+                         f"--study-dir, or delete {folder} to measure again")
 
 
 def row_name(run: str, solver: str, k: int | None) -> str:
@@ -369,13 +405,15 @@ def main() -> None:
     if rows is not None and (not rows or set(rows) - set(ROWS)):
         raise SystemExit(f"--rows: unknown row {', '.join(sorted(set(rows) - set(ROWS))) or '(none given)'}; "
                          f"choose from {', '.join(ROWS)}")
+    study_plan(quick=args.quick, ablations=not (args.no_ablations or args.quick), rows=rows)
     for flag, run in (("--teacher", args.teacher), ("--student", args.student)):
         if run is not None and not (run / "summary.json").is_file():
             raise SystemExit(f"{flag}: {run} is not a finished run folder (no summary.json); "
                              "pass a run folder that train or distill completed")
-    study = Study(root=args.study_dir, data=resolve_data(args.data), samples=args.samples,
+    study = Study(root=args.study_dir.resolve(), data=resolve_data(args.data), samples=args.samples,
                   ablations=not (args.no_ablations or args.quick), quick=args.quick,
-                  workers=args.workers, teacher=args.teacher,
+                  workers=args.workers,
+                  teacher=None if args.teacher is None else args.teacher.resolve(),
                   student=None if args.student is None else args.student.resolve(), rows=rows)
     out = study.run()
     print((study.root / "results.md").read_text())

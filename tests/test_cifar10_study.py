@@ -53,6 +53,15 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert [r["samples"] for r in results["rows"]] == ["student-nfe1"] and results["complete"]
     assert results["rows"][0]["fid"] == pytest.approx(rows["student-nfe1"]["fid"], rel=1e-6)
     assert " distill " not in done.stderr and not (other / "student").exists()
+    # The same folder asked to measure another model stops, rather than report the old samples.
+    done = subprocess.run(["bash", str(SCRIPT), "--quick", "--study-dir", str(other), "--data",
+                           str(ZIP), "--teacher", str(study / "teacher"), "--student",
+                           str(study / "teacher"), "--rows", "student-nfe1"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip() == (
+        f"[study] {other / 'samples' / 'student-nfe1'} was made from {study / 'student'}, not "
+        f"{study / 'teacher'}; use another --study-dir, or delete "
+        f"{other / 'samples' / 'student-nfe1'} to measure again")
 
 
 def test_study_needs_data_and_names_how_to_give_it(tmp_path: Path) -> None:
@@ -75,6 +84,11 @@ def test_study_needs_data_and_names_how_to_give_it(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env)
     assert done.returncode == 1 and done.stderr.startswith("--rows: unknown row student-nfe3; "
                                                            "choose from student-nfe1, ")
+    done = subprocess.run([*command, "--data", str(ZIP), "--rows", "student-wsc0-nfe1",
+                           "--no-ablations"], capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and done.stderr.strip() == (
+        "--rows: student-wsc0-nfe1 not in this study's plan (--quick keeps four rows, "
+        "--no-ablations drops the ablations)")
     done = subprocess.run([*command, "--data", str(ZIP), "--student", str(tmp_path)],
                           capture_output=True, text=True, env=env)
     assert done.returncode == 1 and done.stderr.strip() == (
