@@ -54,6 +54,19 @@ class Comparison:
         self.path = self.out / "results.json"
         self.results: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.sets = [a for pair in args.set for a in ("--set", pair)]
+        # What every row was measured under: a folder holding another comparison (another preset,
+        # teacher, budget or setting) would print its rows under this one's header.
+        settings = {"preset": args.preset, "teacher": str(args.teacher.resolve()),
+                    "budget_s": args.budget_s, "set": list(args.set),
+                    "reflow": None if args.reflow is None else str(args.reflow.resolve()),
+                    "agreement_samples": args.agreement_samples,
+                    "fid_samples": args.fid_samples}
+        recorded = self.results.setdefault("settings", settings)
+        changed = [key for key in settings if recorded.get(key) != settings[key]]
+        if changed:
+            key = changed[0]
+            raise SystemExit(f"[compare] {self.out} holds a comparison made with {key} = "
+                             f"{recorded.get(key)!r}, not {settings[key]!r}; choose another --out")
 
     def save(self) -> None:
         self.path.write_text(json.dumps(self.results, indent=1) + "\n")
@@ -196,7 +209,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--reflow", type=Path, default=None,
                         help="a reflowed teacher (traflow teacher reflow): adds reflow+BEST")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: runs/compare-PRESET)")
     parser.add_argument("--set", action="append", default=[],
                         help="section.key=value for every method's run (so no distill.traflow.* "
                              "setting: the other methods refuse it)")
@@ -215,6 +229,8 @@ def main() -> None:
         raise SystemExit(f"--budget-s: must be positive, got {args.budget_s}")
     if args.fid_samples and args.reference is None:
         raise SystemExit("--fid-samples needs --reference (a folder of reference images)")
+    if args.out is None:
+        args.out = Path("runs") / f"compare-{Path(args.preset).stem}"
     comparison = Comparison(args)
     comparison.run()
     print(comparison.markdown())
