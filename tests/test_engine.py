@@ -134,3 +134,16 @@ def test_resume_drops_metrics_rows_after_the_checkpoint(tmp_path: Path) -> None:
     truncate_metrics(tmp_path, 10)
     assert [json.loads(line)["step"] for line in
             (tmp_path / "metrics.jsonl").read_text().splitlines()] == [5, 10]
+
+
+def test_the_dropout_stream_replays_no_other_stream() -> None:
+    """A step's dropout masks (the global torch seed) come from their own stream: on any rank
+    and step they are not the numbers of that step's time and noise draws, data, jitter or
+    diagonal draws (an earlier seed on rank 0 was exactly the times' seed)."""
+    from traflow_cli.seeding import derive_seed, dropout_seed
+
+    for seed in (0, 7):
+        others = {derive_seed(seed, tag, step) for tag in range(12) for step in range(40)}
+        others |= {derive_seed(seed, 2, step, rank) for step in range(40) for rank in range(16)}
+        mine = {dropout_seed(seed, rank, step) for rank in range(16) for step in range(40)}
+        assert len(mine) == 16 * 40 and not mine & others

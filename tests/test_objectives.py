@@ -204,6 +204,35 @@ def test_ctm_takes_the_inner_jump_by_the_online_weights_and_carries_by_the_targe
     assert abs(float(other - want.detach())) > 1e-3 * float(want.detach())
 
 
+def test_ctm_pays_no_teacher_step_for_a_state_it_never_reads() -> None:
+    """Jittered times move t, u and s off the grid by one teacher step each; CTM reads x_t and
+    x_u but not x_s, so its step evaluates the teacher for two moves (two Heun evaluations each
+    on the cached trajectory), not three, and its loss is the same as with x_s moved."""
+    from traflow_cli.objectives import ctm, shared
+
+    velocity = GaussianMap(SIGMA).requires_grad_(False).velocity
+    calls = []
+
+    def counted(x: Tensor, t: Tensor) -> Tensor:
+        calls.append(len(x))
+        return velocity(x, t)
+
+    batch = _batch(GaussianMap(0.7), counted, NOISE, jittered=True)
+    batch.trajectory = batch.teacher_trajectory("heun")  # the cache: solved before the step
+    config = ctm.CTMConfig(w_dsm=0.0)
+    calls.clear()
+    got = ctm.loss(batch, config).total
+    assert len(calls) == 4  # two Heun moves (of the rows whose time moved); x_s's made six
+    moved_too = shared.consistency_states(batch.trajectory, batch.grid, batch.times,
+                                          teacher=counted, need_s=True)
+    alone = shared.consistency_states(batch.trajectory, batch.grid, batch.times, teacher=counted,
+                                      need_s=False)
+    assert alone[4] is None and moved_too[4] is not None
+    for a, b in zip(alone[:4] + alone[5:], moved_too[:4] + moved_too[5:], strict=True):
+        assert torch.equal(a, b)
+    assert torch.isfinite(got)
+
+
 def test_the_eulerian_target_is_the_teachers_velocity_on_the_diagonal() -> None:
     """At s = r the identity reads u(x, r, r) = v(x, r): a student that is right there and wrong
     elsewhere has zero loss on diagonal rows only."""

@@ -266,7 +266,8 @@ class TraFlowSpec(Section):
             raise ValueError("vel_target='tangent' calls the teacher with the whole batch's "
                              "classes, so every row carries L_vel; set vel_every=1")
         if self.lambda_clip[0] > self.lambda_clip[1]:
-            raise ValueError("lambda_clip must be (low, high) with low <= high")
+            raise ValueError(f"lambda_clip must be (low, high) with low <= high, got "
+                             f"{list(self.lambda_clip)}")
         return self
 
 

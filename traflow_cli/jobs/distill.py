@@ -58,7 +58,7 @@ from traflow_cli.objectives import OBJECTIVES, Batch
 from traflow_cli.objectives.shared import draw_times, start_state, trajectory_from_noise
 from traflow_cli.objectives.traflow import TraFlowConfig
 from traflow_cli.sampling import teacher_stepper, teacher_velocity
-from traflow_cli.seeding import derive_seed, generator_for
+from traflow_cli.seeding import derive_seed, dropout_seed, generator_for
 from traflow_cli.specs import (
     METHOD_SECTIONS,
     DistillSpec,
@@ -373,7 +373,7 @@ def build_distill_step(spec: RunSpec, runtime: Runtime, teacher_net: nn.Module, 
                                     teacher_sha256=teacher_sha256)
 
     def step_fn(step: int) -> dict[str, Tensor]:
-        torch.manual_seed(derive_seed(spec.seed, runtime.rank, step))  # dropout
+        torch.manual_seed(dropout_seed(spec.seed, runtime.rank, step))
         gen = generator_for(spec.seed, 0, step, device=runtime.device)
         # The jitter has its own stream: grid and jittered runs draw the same noise and pairs.
         times = draw_times(grid_host, cfg.batch_size, gen, vel_every=vel_every,

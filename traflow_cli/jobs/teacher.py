@@ -34,7 +34,7 @@ from traflow_cli.jobs.common import (
 from traflow_cli.nets import build_net
 from traflow_cli.runfolder import RunLock, check_output_folder, read_record
 from traflow_cli.sampling import teacher_velocity
-from traflow_cli.seeding import derive_seed, generator_for
+from traflow_cli.seeding import derive_seed, dropout_seed, generator_for
 from traflow_cli.specs import RunSpec, SpecError, TeacherSpec
 
 SECTIONS = ("seed", "data", "net", "teacher")
@@ -85,7 +85,7 @@ def build_teacher_step(spec: RunSpec, runtime: Runtime, *, batches: BatchSource 
     shape = sample_shape(config)
 
     def step_fn(step: int) -> dict[str, Tensor]:
-        torch.manual_seed(derive_seed(spec.seed, runtime.rank, step))  # dropout
+        torch.manual_seed(dropout_seed(spec.seed, runtime.rank, step))
         gen = generator_for(spec.seed, 0, step, device=runtime.device)
         if pairs is None:
             data, labels = batches(step)

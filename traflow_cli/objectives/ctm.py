@@ -42,9 +42,10 @@ class CTMConfig:
 def loss(batch: Batch, config: CTMConfig) -> ObjectiveLoss:
     """L_ctm + w_dsm L_dsm on one step's batch."""
     trajectory = batch.teacher_trajectory(config.teacher_solver)
+    # CTM's target starts from x_u alone: no teacher step to x_s (two evaluations a row).
     x_t, t, x_u, u, _, s = consistency_states(trajectory, batch.grid, batch.times,
-                                              teacher=batch.teacher,
-                                              method=config.teacher_solver, labels=batch.labels)
+                                              teacher=batch.teacher, method=config.teacher_solver,
+                                              labels=batch.labels, need_s=False)
     ones, device, labels = torch.ones_like(t), batch.noise.device, batch.labels
     # G(., a, a) is the identity: rows with u = s or s = 1 skip the network (which rows is read
     # on the host: one sync per step).

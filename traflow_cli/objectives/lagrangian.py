@@ -28,7 +28,7 @@ class LagrangianConfig:
     """The Lagrangian objective's choices; `distill.lagrangian` holds the ones a user sets."""
 
     diagonal: float = 0.75         # rows with s = r (read by the time draw)
-    teacher_solver: str = "heun"   # reaches x_r from the grid, and the cached trajectory's
+    teacher_solver: str = "heun"   # solves the cached trajectory, and reaches x_r from it
     derivative: str = "jvp"        # dG/ds by forward mode or a central difference ("fd")
     fd_step: float = 1e-4
 

@@ -237,15 +237,17 @@ def teacher_state_at(teacher: Velocity, trajectory: Tensor, grid: Tensor, times:
 @torch.no_grad()
 def consistency_states(trajectory: Tensor, grid: Tensor, times: TimeDraw, *,
                        teacher: Velocity | None = None, method: str = "heun",
-                       labels: Tensor | None = None) -> tuple[Tensor, ...]:
+                       labels: Tensor | None = None, need_s: bool = True
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     """(x_t, t, x_u, u, x_s, s) for the draw's t = tau_i < u = tau_(i+k) <= s = tau_j: the teacher's
     states picked from its trajectory [N + 1, B, ...], or, for jittered times, carried by one
-    `method` step from the grid state to the moved time (u and s share one where i + k = j)."""
+    `method` step from the grid state to the moved time (u and s share one where i + k = j).
+    `need_s=False`: the objective reads s but not x_s (None), so no teacher step is paid for it."""
     i, k, j = (v.to(trajectory.device) for v in (times.i, times.k, times.j))
     t, u, s = grid[i], grid[i + k], grid[j]
     x_t, x_u, x_s = pick(trajectory, i), pick(trajectory, i + k), pick(trajectory, j)
     if times.jitter is None:
-        return x_t, t, x_u, u, x_s, s
+        return x_t, t, x_u, u, x_s if need_s else None, s
     if teacher is None:
         raise ValueError("jittered consistency times need the teacher to step off the grid")
     where = times.jitter.to(trajectory.device)
@@ -253,7 +255,7 @@ def consistency_states(trajectory: Tensor, grid: Tensor, times: TimeDraw, *,
     s_new = torch.where(i + k == j, u_new, cell_time(grid, j, where[2]))
     x_t = step_off_grid(teacher, x_t, t, t_new, method, labels)
     x_u = step_off_grid(teacher, x_u, u, u_new, method, labels)
-    x_s = step_off_grid(teacher, x_s, s, s_new, method, labels)
+    x_s = step_off_grid(teacher, x_s, s, s_new, method, labels) if need_s else None
     return x_t, t_new, x_u, u_new, x_s, s_new
 
 

@@ -1,4 +1,4 @@
-"""TraFlow trajectory distillation (METHOD.md, "The objective"), in plain PyTorch.
+"""TraFlow trajectory distillation (METHOD.md, "The three targets"), in plain PyTorch.
 
     L = w_out L_out + w_sc L_sc + w_vel lambda L_vel (+ w_fm L_fm)
     L_out = d(G^-(G(x_t, t, s), s, 1), G^-(Phi(x_t, t -> s), s, 1))          output
@@ -44,8 +44,9 @@ TraFlowLoss = ObjectiveLoss
 
 @dataclass(frozen=True)
 class TraFlowConfig:
-    """Every choice of the objective (METHOD.md marks ours). The spec's `distill` section has a
-    field of the same name and default for each; the job builds this from it."""
+    """Every choice of the objective (METHOD.md marks ours). The spec has a field of the same
+    name and default for each: the engine's (teacher_solver, start, ...) in `distill`, the
+    weights and TraFlow's own choices in `distill.traflow`; the job builds this from them."""
 
     teacher_solver: str = "heun"      # Phi's stepper on the grid, by name (flow.trajectory_on_grid)
     start: str = "teacher"            # x_t = Phi(noise, 0 -> t) ("teacher") or the data path
