@@ -282,10 +282,9 @@ class Study:
         return out
 
 
-
-ROWS = ("student-nfe1", "student-nfe2", "student-nfe4", "teacher-euler1", "teacher-euler2",
-        "teacher-euler4", "teacher-euler8", "teacher-rk45",
-        *(f"{name}-nfe{k}" for name in ABLATIONS for k in (1, 2)))
+def row_name(run: str, solver: str, k: int | None) -> str:
+    """The samples folder a row writes: student-nfe1, teacher-euler4, teacher-rk45, ..."""
+    return {"jump": f"{run}-nfe{k}", "euler": f"teacher-euler{k}"}.get(solver, "teacher-rk45")
 
 
 def study_plan(*, quick: bool, ablations: bool, rows: tuple[str, ...] | None
@@ -310,17 +309,16 @@ def study_plan(*, quick: bool, ablations: bool, rows: tuple[str, ...] | None
     return [row for row in plan if row_name(*row) in rows]
 
 
+# Every row a study can measure (--rows chooses among them), in the plan's order.
+ROWS = tuple(row_name(*row) for row in study_plan(quick=False, ablations=True, rows=None))
+
+
 def check_same_model(folder: Path, recorded: str, model: Path, what: str = "made from") -> None:
     """Stop (one line) when a study folder's `folder` came from another run than `model`: its
     samples or student would otherwise be reported as `model`'s."""
     if Path(recorded).resolve() != model.resolve():
         raise SystemExit(f"[study] {folder} was {what} {recorded}, not {model}; use another "
                          f"--study-dir, or delete {folder} to measure again")
-
-
-def row_name(run: str, solver: str, k: int | None) -> str:
-    """The samples folder a row writes: student-nfe1, teacher-euler4, teacher-rk45, ..."""
-    return {"jump": f"{run}-nfe{k}", "euler": f"teacher-euler{k}"}.get(solver, "teacher-rk45")
 
 
 def psnr_folders(folder: Path, reference: Path) -> float:
@@ -401,9 +399,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.workers < 1:
         raise SystemExit(f"--workers: must be at least 1, got {args.workers}")
-    rows = None if args.rows is None else tuple(r.strip() for r in args.rows.split(",") if r)
-    if rows is not None and (not rows or set(rows) - set(ROWS)):
-        raise SystemExit(f"--rows: unknown row {', '.join(sorted(set(rows) - set(ROWS))) or '(none given)'}; "
+    rows = None if args.rows is None else tuple(r for r in map(str.strip, args.rows.split(",")) if r)
+    unknown = sorted(set(rows or ()) - set(ROWS))
+    if rows is not None and (not rows or unknown):
+        raise SystemExit(f"--rows: unknown row {', '.join(unknown) or '(none given)'}; "
                          f"choose from {', '.join(ROWS)}")
     study_plan(quick=args.quick, ablations=not (args.no_ablations or args.quick), rows=rows)
     for flag, run in (("--teacher", args.teacher), ("--student", args.student)):
