@@ -302,6 +302,12 @@ def test_a_method_reads_only_its_own_section_and_an_unknown_one_names_the_choice
                                "distill.trajectory_cache=0"])
     with pytest.raises(SpecError, match="diagonal"):
         resolve_spec("toy2d", ["distill.method=lagrangian", "distill.lagrangian.diagonal=1.5"])
+    # A setting the chosen method would ignore is refused, not dropped.
+    for method in ("lagrangian", "eulerian"):
+        with pytest.raises(SpecError, match=r"distill\.distance: .*set distill\.distance=l2"):
+            resolve_spec("toy2d", [f"distill.method={method}", "distill.distance=pseudo_huber"])
+    assert resolve_spec("toy2d", ["distill.method=ctm",
+                                  "distill.distance=pseudo_huber"]).distill.distance == "pseudo_huber"
 
 
 def test_traflows_settings_are_its_own_section_and_older_flat_names_still_work() -> None:

@@ -248,25 +248,31 @@ def test_a_term_with_weight_zero_is_not_logged_and_leaves_the_total(off: str) ->
 
 
 def test_switching_terms_off_skips_their_network_passes() -> None:
-    """w_vel = 0 drops the derivative's pass of the student; w_out = w_sc = 0 drops the jump and
-    every G^- pass: a weight of zero saves its cost, not only its gradient."""
+    """w_vel = 0 drops the derivative's pass of the student; w_sc = 0 drops L_sc's inner jump
+    and its carry (so G^- sees fewer rows); w_out = w_sc = 0 drops the jump and every G^- pass: a
+    weight of zero saves its cost, not only its gradient."""
     teacher, student, target = _off_teacher_student()
     grid, noise = time_grid(6), torch.randn(32, 2)
     times = draw_times(grid, 32, torch.Generator().manual_seed(9))
-    calls = {"student": 0, "target": 0}
+    calls = {"student": 0, "target": 0, "target_rows": 0}
     student.register_forward_pre_hook(lambda m, a: calls.__setitem__("student", calls["student"] + 1))
-    target.register_forward_pre_hook(lambda m, a: calls.__setitem__("target", calls["target"] + 1))
+    target.register_forward_pre_hook(lambda m, a: calls.update(
+        target=calls["target"] + 1, target_rows=calls["target_rows"] + len(a[0])))
 
     def passes(**weights: float) -> dict[str, int]:
-        calls.update(student=0, target=0)
-        traflow_loss(student, target, teacher, noise, config=TraFlowConfig(**weights), grid=grid,
-                     times=times, last_layer=student.output_layer.weight)
-        return dict(calls)
+        calls.update(student=0, target=0, target_rows=0)
+        loss = traflow_loss(student, target, teacher, noise, config=TraFlowConfig(**weights),
+                            grid=grid, times=times, last_layer=student.output_layer.weight)
+        return {**calls, "out": float(loss.terms.get("out", float("nan")))}
 
     every = passes()
     assert passes(w_vel=0.0)["student"] == every["student"] - 1
+    out_alone = passes(w_sc=0.0)
+    assert out_alone["target_rows"] < every["target_rows"]
+    assert out_alone["out"] == every["out"]  # the same L_out, for less work
     no_consistency = passes(w_out=0.0, w_sc=0.0)
-    assert no_consistency == {"student": 1, "target": 0}
+    assert {k: no_consistency[k] for k in ("student", "target", "target_rows")} == \
+        {"student": 1, "target": 0, "target_rows": 0}
 
 
 def test_cached_teacher_trajectory_gives_the_same_loss_as_solving_it() -> None:

@@ -384,6 +384,11 @@ class DistillSpec(TrainingSpec):
             if self.draws_per_solve > 1:
                 raise ValueError(f"distill.draws_per_solve: method {self.method!r} takes one "
                                  "teacher solve per row; set distill.draws_per_solve=1")
+            if self.method in ("lagrangian", "eulerian") and self.distance != "l2":
+                # Their losses match velocities, which pseudo-Huber's image-scale c does not fit.
+                raise ValueError(f"distill.distance: method {self.method!r} matches velocities "
+                                 "by a squared error; set distill.distance=l2 (pseudo_huber is "
+                                 "for traflow and ctm)")
         if self.start == "data" and self.trajectory_cache > 0:
             raise ValueError("trajectory_cache needs start='teacher' (cached solves start at noise)")
         if self.draws_per_solve > 1:

@@ -204,14 +204,17 @@ def traflow_targets(target: nn.Module, solve: TeacherSolve, noise: Tensor, grid:
         ones = torch.ones_like(t)
         if cfg.sc_inner == "online" and online is None:
             raise ValueError("sc_inner='online' needs the student's network (online=...)")
-        inner = online if cfg.sc_inner == "online" else target
-        x_via_u = jump_rows(inner, x_u, u, s, labels, rows(via_u))
-        both = jump_rows(target, torch.cat([x_s, x_via_u]), torch.cat([s, s]),
-                         torch.cat([ones, ones]), repeat_labels(labels),
-                         torch.cat([end_rows, rows(via_u & to_end) + len(x_t)]))
-        out.end_out, end_sc = both.chunk(2)
-        same = rows(~via_u & to_end)
-        out.end_sc = end_sc.index_copy(0, same, out.end_out[same])
+        if cfg.w_sc == 0:  # L_out alone: no inner jump, and one carry instead of two
+            out.end_out = jump_rows(target, x_s, s, ones, labels, end_rows)
+        else:
+            inner = online if cfg.sc_inner == "online" else target
+            x_via_u = jump_rows(inner, x_u, u, s, labels, rows(via_u))
+            both = jump_rows(target, torch.cat([x_s, x_via_u]), torch.cat([s, s]),
+                             torch.cat([ones, ones]), repeat_labels(labels),
+                             torch.cat([end_rows, rows(via_u & to_end) + len(x_t)]))
+            out.end_out, end_sc = both.chunk(2)
+            same = rows(~via_u & to_end)
+            out.end_sc = end_sc.index_copy(0, same, out.end_out[same])
     if cfg.w_vel > 0:
         # Chord x_r = r x_hat + (1 - r) noise, r <= s: a straight teacher jumps at speed x_hat - noise.
         if solve.x_hat is None and cfg.vel_target == "chord":
