@@ -12,7 +12,8 @@ the same teacher, seed and preset. Each student is measured the same way:
 Every run of one teacher shares one trajectory cache (distill.trajectory_cache_file), so the
 teacher is solved once, not once per method.
 --reflow RUN adds "reflow+METHOD" rows: the best method (by the NFE 1 score) distilled from the
-reflowed teacher RUN with the same budget (the reflow's own cost is reported apart).
+reflowed teacher RUN for the best row's steps (same network, same step; the reflow's own cost is
+reported apart).
 Every stage is skipped when its output is there: re-run the command to continue.
 
 Usage: python benchmarks/compare_methods.py --preset toy2d --teacher RUN --budget-s 300
@@ -98,8 +99,9 @@ class Comparison:
             self.save()
         return self.results[key]
 
-    def distill(self, name: str, method: str, teacher: Path) -> dict:
-        """The student of `method` from `teacher` for the budget's steps, and its measurements."""
+    def distill(self, name: str, method: str, teacher: Path, cost: dict | None = None) -> dict:
+        """The student of `method` from `teacher` for the budget's steps (at `cost`, default:
+        timed by bench), and its measurements."""
         row = self.results.setdefault("rows", {}).get(name)
         if row and "metrics" in row:
             if self.measured(row["metrics"]):
@@ -107,7 +109,7 @@ class Comparison:
             row["metrics"] = self.measure(self.out / name, Path(row["teacher"]))
             self.save()
             return row
-        cost = self.step_seconds(method, teacher)
+        cost = cost or self.step_seconds(method, teacher)
         steps = max(1, math.floor(self.args.budget_s / cost["step_s"]))
         run = self.out / name
         began = time.perf_counter()
@@ -184,7 +186,11 @@ class Comparison:
         if self.args.reflow:
             rows = self.results["rows"]
             best = min((rows[m] for m in self.args.methods), key=self.score)["method"]
-            self.distill(f"reflow+{best}", best, self.args.reflow)
+            # The reflowed teacher has its parent's network, so the best method's step costs
+            # what it cost from the parent: its timing is reused, not taken again at another
+            # moment (a quieter machine would give the reflow row more steps than its rival).
+            self.distill(f"reflow+{best}", best, self.args.reflow,
+                         cost=self.step_seconds(best, self.args.teacher))
         self.save()
 
     def score(self, row: dict) -> float:
