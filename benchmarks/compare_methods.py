@@ -104,10 +104,9 @@ class Comparison:
         timed by bench), and its measurements."""
         row = self.results.setdefault("rows", {}).get(name)
         if row and "metrics" in row:
-            if self.measured(row["metrics"]):
-                return row
-            row["metrics"] = self.measure(self.out / name, Path(row["teacher"]))
-            self.save()
+            if not self.measured(row["metrics"]):  # FID asked for after the row was measured
+                self.add_fid(self.out / name, row["metrics"])
+                self.save()
             return row
         cost = cost or self.step_seconds(method, teacher)
         steps = max(1, math.floor(self.args.budget_s / cost["step_s"]))
@@ -154,16 +153,21 @@ class Comparison:
             out = {f"nfe{r['nfe']}": {"psnr_db": r["psnr_db"]}
                    for r in agreement["rows"] if r["model"] == "student"}
         if self.args.fid_samples:
-            for nfe in FID_NFE:
-                folder = run / f"samples-nfe{nfe}"
-                if not (folder / "fid.json").is_file():
-                    traflow("sample", run, "--nfe", nfe, "-n", self.args.fid_samples, "--out",
-                            folder, "--json")
-                    traflow("eval", "fid", folder, "--ref", self.args.reference, "--offline",
-                            "--json")
-                fid = json.loads((folder / "fid.json").read_text())["fid"]
-                out.setdefault(f"nfe{nfe}", {})["fid"] = fid
+            self.add_fid(run, out)
         return out
+
+    def add_fid(self, run: Path, metrics: dict) -> None:
+        """FID of --fid-samples samples at each of FID_NFE into `metrics`, sampled and measured
+        where the row's folder has none yet."""
+        for nfe in FID_NFE:
+            folder = run / f"samples-nfe{nfe}"
+            if not (folder / "fid.json").is_file():
+                traflow("sample", run, "--nfe", nfe, "-n", self.args.fid_samples, "--out",
+                        folder, "--json")
+                traflow("eval", "fid", folder, "--ref", self.args.reference, "--offline",
+                        "--json")
+            fid = json.loads((folder / "fid.json").read_text())["fid"]
+            metrics.setdefault(f"nfe{nfe}", {})["fid"] = fid
 
     def middle_times(self, run: Path, teacher: Path) -> dict:
         """PSNR against the cached RK45 solves at NFE 1, 2 (meeting at 0.5) and 4."""
