@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,29 +18,23 @@ from traflow_cli.errors import write_fully, writing
 from traflow_cli.version import __version__
 
 
-def atomic_write_bytes(path: Path, payload: bytes, *, durable: bool = True,
-                       tmp_suffix: str | None = None, make_folder: bool = True) -> None:
-    """Write under a temporary name, then rename: readers see the old or the new file.
+@contextlib.contextmanager
+def replaced_on_success(path: Path, *, durable: bool = True, tmp_suffix: str | None = None,
+                        make_folder: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; a clean exit renames it over `path`
+    (readers see the old file or the whole new one), any error removes it and re-raises.
 
-    A full disk or a read-only folder is a one-line WriteError naming `path`; the old file (a
-    previous checkpoint, spec.json) stays as it was and no temporary is left behind.
-    `durable`: fsync the file and the folder (a checkpoint, a record); without it a crash can
-    lose the write but never leave a cut file under its name (the many files of a sample folder,
-    which a resume checks instead). `tmp_suffix` names the temporary (default `.tmp-PID`);
-    `make_folder=False` reports a folder deleted under a running job instead of re-making it.
+    A full disk or a read-only folder is a one-line WriteError naming `path`. `durable`: fsync
+    the folder after the rename (the writer fsyncs the file itself). `tmp_suffix` names the
+    temporary (default `.tmp-PID`); `make_folder=False` reports a folder deleted under a running
+    job instead of re-making it.
     """
     tmp = path.with_name(f".{path.name}{tmp_suffix or f'.tmp-{os.getpid()}'}")
     with writing(path):
         if make_folder:
             path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                write_fully(fd, payload)
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            yield tmp
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -47,6 +42,26 @@ def atomic_write_bytes(path: Path, payload: bytes, *, durable: bool = True,
             raise
         if durable:
             fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, payload: bytes, *, durable: bool = True,
+                       tmp_suffix: str | None = None, make_folder: bool = True) -> None:
+    """Write `payload` to `path` through `replaced_on_success`: the old file (a previous
+    checkpoint, spec.json) stays as it was on any failure and no temporary is left behind.
+
+    `durable`: fsync the file and the folder (a checkpoint, a record); without it a crash can
+    lose the write but never leave a cut file under its name (the many files of a sample folder,
+    which a resume checks instead).
+    """
+    with replaced_on_success(path, durable=durable, tmp_suffix=tmp_suffix,
+                             make_folder=make_folder) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_fully(fd, payload)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def fsync_dir(folder: Path) -> None:

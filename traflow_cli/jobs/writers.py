@@ -19,8 +19,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from traflow_cli.data.images.header import PNG_SIGNATURE
-from traflow_cli.engine.records import atomic_write_bytes, fsync_dir
-from traflow_cli.errors import writing
+from traflow_cli.engine.records import atomic_write_bytes, replaced_on_success
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -185,19 +184,12 @@ def png_rows(folder: Path, count: int, chunk: int = 256) -> Iterator[np.ndarray]
 
 @contextlib.contextmanager
 def _durable_file(path: Path) -> Iterator[io.BufferedWriter]:
-    """A handle on a temporary beside `path`; on a clean exit it is fsynced and renamed to
-    `path` (readers see the old file or the whole new one), on any error it is removed."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with writing(path):
-        try:
-            with open(tmp, "wb") as handle:
-                yield handle
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_dir(path.parent)
+    """A handle on a temporary beside `path`, fsynced and renamed over it on a clean exit and
+    removed on any error (records.replaced_on_success)."""
+    with replaced_on_success(path, make_folder=False) as tmp, open(tmp, "wb") as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
