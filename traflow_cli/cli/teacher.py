@@ -86,7 +86,7 @@ def import_command(
     out: o.Out = None,
     preset: Annotated[str | None, typer.Option(
         "--preset", "-p", help="Preset name or .toml file. (default: cifar10; for edm the preset "
-        "the network fits: cifar10, ffhq64 or imagenet64)", show_default=False)] = None,
+        "the network fits: cifar10-edm, ffhq64 or imagenet64)", show_default=False)] = None,
     sets: o.Sets = None,
     image_size: Annotated[int | None, typer.Option(
         "--image-size", help="Image resolution of a rectified-flow checkpoint (its weights do "
