@@ -34,6 +34,8 @@ def ship(run_dir: Path, out: Path, teacher: str | None) -> Path:
     metadata = {k: v for k, v in ckpt.metadata.items() if k not in ("format", "step")}
     spec = record["spec"]
     spec.get("data", {})["path"] = None  # the trainer's data path means nothing elsewhere
+    if "distill" in spec:  # nor does a cache file shared by the trainer's runs
+        spec["distill"]["trajectory_cache_file"] = None
     if teacher is not None:  # the shipped teacher: its path and its weights file's digest
         metadata["teacher"] = teacher
         metadata["teacher_sha256"] = load_teacher(teacher).sha256 or ""
