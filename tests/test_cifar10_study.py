@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,23 @@ def test_study_defaults_to_torchvisions_copy(tmp_path: Path,
     monkeypatch.setenv("TRAFLOW_DATA", str(tmp_path))
     assert study.resolve_data(None) == folder.resolve()
     assert study.resolve_data(ZIP) == ZIP.resolve()
+
+
+@pytest.mark.slow
+def test_every_row_samples_the_same_noises_whatever_seed_its_model_was_trained_with(
+        tmp_path: Path) -> None:
+    # The shipped student as if distilled with --seed 1: its own seed would draw other noises
+    # than the teacher's RK45 row, and PSNR against RK45 would compare unrelated images (~10 dB).
+    models = Path(__file__).resolve().parents[1] / "models" / "cifar10-cpu"
+    student = tmp_path / "student-seed1"
+    shutil.copytree(models / "student", student)
+    record = json.loads((student / "spec.json").read_text())
+    record["spec"]["seed"] = 1
+    (student / "spec.json").write_text(json.dumps(record))
+    study = tmp_path / "study"
+    done = subprocess.run(["bash", str(SCRIPT), "--quick", "--study-dir", str(study), "--data",
+                           str(ZIP), "--teacher", str(models / "teacher"), "--student", str(student),
+                           "--rows", "student-nfe1,teacher-rk45"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["samples"]: r for r in json.loads((study / "results.json").read_text())["rows"]}
+    assert rows["student-nfe1"]["psnr_vs_rk45_db"] > 25  # ~31 dB on the study's own noises
